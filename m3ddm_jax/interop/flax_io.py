@@ -1,0 +1,94 @@
+"""The converted Flax weight format.
+
+A converted model is a folder holding
+
+* ``config.json``: the model's diffusers config (the same fields as the PyTorch release) plus
+  ``"_m3ddm_jax": {"format": "flax-safetensors", "version": 1, "kind": "unet" | "vae"}``;
+* ``flax_model.safetensors``: every Flax variable (parameters and BatchNorm statistics) under its
+  dotted Flax path (``down_blocks.0.resnets.1.conv1.spatial_conv.kernel``), channels-last layouts,
+  dtype as converted (fp16 releases stay fp16 unless a dtype is asked for).
+
+safetensors was chosen over orbax for released weights: one memory-mappable file, no torch or TensorFlow
+needed to read it, loadable lazily for abstract-shape checks. Training checkpoints (which also hold
+optimizer state, step and data-iterator state) use orbax; see ``m3ddm_jax.train``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from m3ddm_jax.errors import CheckpointError
+from m3ddm_jax.interop.keymap import path_to_str, str_to_path
+
+FLAX_WEIGHTS = "flax_model.safetensors"
+CONFIG = "config.json"
+FORMAT_TAG = "flax-safetensors"
+FORMAT_VERSION = 1
+
+
+def is_flax_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / FLAX_WEIGHTS).is_file()
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG} in {folder}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return cfg
+
+
+def save_flax_folder(folder: str | os.PathLike, kind: str, config: Mapping, flat: Mapping[tuple, np.ndarray]) -> Path:
+    """Write ``config.json`` + ``flax_model.safetensors`` atomically (temp folder, then rename)."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in dict(config).items() if k != "_m3ddm_jax"}
+    cfg["_m3ddm_jax"] = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "kind": kind}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_file({path_to_str(p): np.ascontiguousarray(np.asarray(a)) for p, a in flat.items()}, str(tmp / FLAX_WEIGHTS))
+        if folder.exists():
+            old = folder.with_name(folder.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def load_flax_folder(folder: str | os.PathLike) -> tuple[str, dict, dict[tuple, np.ndarray]]:
+    """Read a converted folder: ``(kind, config, {flax_path: array})``."""
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    tag = cfg.get("_m3ddm_jax") or {}
+    if tag.get("format") != FORMAT_TAG:
+        raise CheckpointError(f"{folder / CONFIG} is not an m3ddm-jax Flax config (no _m3ddm_jax format tag)")
+    if tag.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was written by a newer m3ddm-jax (format version {tag.get('version')})")
+    try:
+        arrays = load_file(str(folder / FLAX_WEIGHTS))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {folder / FLAX_WEIGHTS}: {type(e).__name__}: {e}") from e
+    return tag.get("kind", ""), cfg, {str_to_path(k): v for k, v in arrays.items()}

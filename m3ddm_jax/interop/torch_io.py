@@ -1,0 +1,97 @@
+"""Reading and writing PyTorch-format state dicts as ``{key: numpy array}``.
+
+``.safetensors`` is read and written with the numpy backend of ``safetensors`` (no torch needed).
+``.bin`` (a ``torch.save`` pickle) needs torch; it is loaded with ``weights_only=True``.
+Arrays keep their stored dtype (fp16 stays fp16, int64 stays int64).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from m3ddm_jax.errors import CheckpointError
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def find_torch_weights(folder: str | os.PathLike) -> Path:
+    """The weights file of a diffusers model folder (safetensors preferred, as diffusers does)."""
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"no {' or '.join(WEIGHT_NAMES)} in {folder}")
+
+
+def _import_torch():
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise CheckpointError(
+            "reading or writing a PyTorch .bin checkpoint needs torch (pip install torch); "
+            "or convert it to .safetensors first"
+        ) from e
+    return torch
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load a ``.safetensors`` or ``.bin`` state dict as numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file  # noqa: PLC0415
+
+            return dict(load_file(str(path)))
+        if path.suffix in (".bin", ".pt", ".pth"):
+            torch = _import_torch()
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and "state_dict" in sd and not any(
+                hasattr(v, "shape") for v in sd.values()
+            ):
+                sd = sd["state_dict"]
+            out = {}
+            for k, v in sd.items():
+                if not hasattr(v, "detach"):
+                    raise CheckpointError(f"{path}: entry {k!r} is not a tensor")
+                v = v.detach().cpu()
+                if v.dtype == torch.bfloat16:
+                    import ml_dtypes  # noqa: PLC0415
+
+                    out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                else:
+                    out[k] = v.numpy()
+            return out
+    except CheckpointError:
+        raise
+    except Exception as e:  # corrupt or truncated file
+        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path} (expected .safetensors or .bin)")
+
+
+def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write a state dict; ``.safetensors`` needs no torch, ``.bin`` is a ``torch.save`` zip pickle.
+
+    The file is written to a temporary name and renamed, so a failed write leaves nothing behind.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import save_file  # noqa: PLC0415
+
+            save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp))
+        elif path.suffix == ".bin":
+            torch = _import_torch()
+            from collections import OrderedDict  # noqa: PLC0415
+
+            torch.save(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items()), str(tmp))
+        else:
+            raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
