@@ -1,0 +1,1 @@
+"""Outpainting: canvas geometry, window schedule, the jitted per-window sampler and the video pipeline."""
