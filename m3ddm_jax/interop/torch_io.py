@@ -88,7 +88,13 @@ def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None
             torch = _import_torch()
             from collections import OrderedDict  # noqa: PLC0415
 
-            torch.save(OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items()), str(tmp))
+            def to_tensor(v):
+                v = np.array(v)
+                if v.dtype.name == "bfloat16":  # torch.from_numpy does not know ml_dtypes.bfloat16
+                    return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+                return torch.from_numpy(v)
+
+            torch.save(OrderedDict((k, to_tensor(v)) for k, v in sd.items()), str(tmp))
         else:
             raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path}")
         os.replace(tmp, path)
