@@ -34,6 +34,7 @@ from flax import nnx, struct
 
 from m3ddm_jax.errors import ConfigError
 from m3ddm_jax.models.attention import IMPLEMENTATIONS, attention
+from m3ddm_jax.models.norms import GroupNorm as _GroupNorm
 
 #: Latent scale of the Stable Diffusion 1.x VAE (latents fed to the U-Net are ``posterior * SCALING_FACTOR``).
 #: The one definition in the project; everything else reads ``VAEConfig.scaling_factor``.
@@ -220,27 +221,11 @@ class DiagonalGaussian:
 # Layers
 # --------------------------------------------------------------------------------------------------
 
-class GroupNorm(nnx.Module):
-    """``torch.nn.GroupNorm`` on channels-last input; statistics (two-pass variance) in float32."""
+class GroupNorm(_GroupNorm):
+    """``torch.nn.GroupNorm`` on channels-last input (the project's one group norm), VAE eps by default."""
 
     def __init__(self, num_channels: int, num_groups: int, eps: float = GROUPNORM_EPS, *, param_dtype=jnp.float32):
-        if num_channels % num_groups:
-            raise ConfigError(f"GroupNorm: {num_groups} groups do not divide {num_channels} channels")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n, c = x.shape[0], x.shape[-1]
-        g = self.num_groups
-        xf = x.astype(jnp.float32).reshape(n, -1, g, c // g)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        centred = xf - mean
-        var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
-        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
-        return y.astype(x.dtype)
+        super().__init__(num_channels, num_groups, eps, param_dtype=param_dtype)
 
 
 def _conv(cin: int, cout: int, k: int, *, dtype, param_dtype, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
