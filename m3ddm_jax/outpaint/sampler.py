@@ -25,6 +25,7 @@ Spec sections 4.3-4.4 and 5.3. For one window of ``F`` frames on an ``H x W`` ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -135,11 +136,20 @@ def start_latent(z_init: jax.Array, eps0: jax.Array, spec: SamplerSpec, cfg: Sch
     return add_noise(z_init, eps0, spec.noise_timestep, jnp.asarray(alphas_cumprod(cfg)))
 
 
+@functools.lru_cache(maxsize=16)
+def _denoiser(graphdef: nnx.GraphDef, sampler: str, steps: int, guidance: Guidance, schedule: ScheduleConfig) -> Denoiser:
+    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance)
+
+
 def build_denoiser(unet, sampler: str = "plms", steps: int = 50, guidance: Guidance = Guidance(),
                    schedule: ScheduleConfig = ScheduleConfig()) -> tuple[Denoiser, nnx.State]:
-    """Split the U-Net once and build its :class:`Denoiser`; returns ``(denoiser, unet_state)``."""
+    """Split the U-Net once and get its :class:`Denoiser`; returns ``(denoiser, unet_state)``.
+
+    Denoisers are cached by (model structure, sampler, steps, guidance, schedule), so every
+    :class:`~m3ddm_jax.outpaint.pipeline.Outpainter` over the same model shares one compiled loop per shape.
+    """
     graphdef, state = nnx.split(unet)
-    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance), state
+    return _denoiser(graphdef, sampler, steps, guidance, schedule), state
 
 
 __all__ = ["Guidance", "assemble_conditions", "unet_rows", "combine", "Denoiser", "start_latent", "build_denoiser", "np"]

@@ -1,0 +1,226 @@
+"""``outpaint(frames, ...)``: a whole video through the coarse-to-fine M3DDM sampler.
+
+Data flows one way: frames -> geometry and canvases -> VAE latents -> per-window jitted sampler ->
+latents -> VAE decode -> composite -> output frames. Compiled units (each once per shape, reused by every
+window and pass of a video): the VAE encode chunk, the VAE decode chunk, the denoising loop.
+
+Faithful to the reference (spec section 5) in everything that shapes the result: canvas and placement,
+Telea init, latent mask, 16-frame windows at strides coarse to fine, known-frame injection, two-factor
+guidance (2, 4), 50 PLMS steps from t=961, the same start noise for every window, global frames squashed
+to ``output_size`` squares. Different on purpose: every frame written exactly once (tail fix), the known
+region is the exact input, global latents are encoded once per video, only frames that are written are
+decoded, ``seed`` fixes every random draw (VAE posterior samples included), canvases round to 64 pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m3ddm_jax.diffusion.schedule import ScheduleConfig
+from m3ddm_jax.errors import ConfigError
+from m3ddm_jax.outpaint import canvas as cv
+from m3ddm_jax.outpaint.geometry import Geometry, make_geometry
+from m3ddm_jax.outpaint.sampler import Guidance, assemble_conditions, build_denoiser, start_latent
+from m3ddm_jax.outpaint.windows import WINDOW, global_frame_indices, plan_windows
+
+
+@dataclasses.dataclass(frozen=True)
+class OutpaintConfig:
+    ratio: str | None = "16:9"                  # target W:H, or None with ``pad``
+    pad: tuple[int, int, int, int] | None = None  # left, right, top, bottom in source pixels
+    output_size: int = 256                      # long side of the output box
+    canvas: str = "square"                      # "square" (reference) or "tight"
+    strides: tuple[int, ...] = (15, 5, 1)
+    num_global_frames: int = 16
+    limit: int | None = None                    # outpaint only the first N frames
+    sampler: str = "plms"
+    steps: int = 50
+    guidance_scale: float = 2.0                 # local (masked video) condition
+    global_guidance_scale: float = 4.0          # global frames
+    seed: int = 6
+    full_res: bool = False                      # keep source pixels at source size
+    feather: int = 0                            # full-res seam feather width in output pixels
+    vae_chunk: int = 8                          # frames per VAE encode/decode call
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be positive, got {self.steps}")
+        if self.num_global_frames < 1:
+            raise ConfigError(f"num_global_frames must be positive, got {self.num_global_frames}")
+        if self.vae_chunk < 1:
+            raise ConfigError(f"vae_chunk must be positive, got {self.vae_chunk}")
+        if self.feather < 0:
+            raise ConfigError(f"feather must be non-negative, got {self.feather}")
+
+
+@dataclasses.dataclass
+class OutpaintResult:
+    frames: np.ndarray          # uint8 (N, H, W, 3): output (box size, or full resolution)
+    geometry: Geometry
+    windows: int
+    seconds: float
+    copied: bool = False        # nothing to outpaint: the frames were copied (resized)
+
+    def summary(self) -> str:
+        g = self.geometry
+        what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows"
+        return (f"{self.frames.shape[0]} frames {g.src_w}x{g.src_h} -> {self.frames.shape[2]}x{self.frames.shape[1]}, "
+                f"{what}, {self.seconds:.1f} s")
+
+
+class Outpainter:
+    """Holds the split models and the compiled units; call it on one video at a time."""
+
+    def __init__(self, unet, vae, config: OutpaintConfig = OutpaintConfig(), schedule: ScheduleConfig = ScheduleConfig()):
+        config.validate()
+        self.config = config
+        self.guidance = Guidance(config.guidance_scale, config.global_guidance_scale)
+        self.denoiser, self.unet_state = build_denoiser(unet, config.sampler, config.steps, self.guidance, schedule)
+        self.schedule = schedule
+        self.vae_graphdef, self.vae_state = nnx.split(vae)
+        self.latent_factor = vae.config.downscale if hasattr(vae.config, "downscale") else 8
+
+    # -- VAE ------------------------------------------------------------------------------------------
+    def encode(self, images: np.ndarray, key) -> jax.Array:
+        """float [-1, 1] ``(N, H, W, 3)`` -> scaled latents ``(N, h, w, 4)`` (posterior samples)."""
+        from m3ddm_jax.models.vae import encode_video  # noqa: PLC0415
+
+        return encode_video((self.vae_graphdef, self.vae_state), jnp.asarray(images)[None], key, self.config.vae_chunk)[0]
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        from m3ddm_jax.models.vae import decode_video  # noqa: PLC0415
+
+        return np.asarray(decode_video((self.vae_graphdef, self.vae_state), latents[None], self.config.vae_chunk)[0])
+
+    # -- one video -----------------------------------------------------------------------------------
+    def __call__(self, frames: np.ndarray, fps: float, progress: bool | Callable = False) -> OutpaintResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+            raise ConfigError(f"expected uint8 frames (N, H, W, 3), got shape {frames.shape}")
+        if frames.dtype != np.uint8:
+            raise ConfigError(f"expected uint8 frames, got {frames.dtype}")
+        n, src_h, src_w = frames.shape[:3]
+        g = make_geometry(src_h, src_w, ratio=cfg.ratio if cfg.pad is None else None, pad=cfg.pad,
+                          output_size=cfg.output_size, canvas=cfg.canvas)
+        small = cv.resize_frames(frames, (g.frame_h, g.frame_w))
+        if g.nothing_to_outpaint:
+            out = frames if cfg.full_res else self._crop_box(self._paste(small, g), g)
+            return OutpaintResult(np.ascontiguousarray(out), g, 0, time.perf_counter() - t0, copied=True)
+
+        key = jax.random.key(cfg.seed)
+        k_global, k_eps0, k_windows = jax.random.split(key, 3)
+        h, w = g.canvas_h // self.latent_factor, g.canvas_w // self.latent_factor
+
+        # Global frames: 16 evenly spaced source frames squashed to output_size squares, encoded once.
+        side = max(8, cfg.output_size // 8 * 8)
+        gidx = global_frame_indices(n, cfg.num_global_frames)
+        glob = cv.resize_frames(frames[gidx], (side, side))
+        global_latents = self.encode(cv.to_model_range(glob), k_global)
+
+        windows = plan_windows(n, cfg.strides, fps=fps, limit=cfg.limit)
+        n_out = windows and max(f for wdw in windows for f in wdw.frames) + 1
+        eps0 = jax.random.normal(k_eps0, (1, WINDOW, h, w, 4), jnp.float32)  # same for every window (reference)
+        _, masked_full, mask = cv.build_canvases(small[:1], g, inpaint=False)
+        m_lat = jnp.asarray(cv.latent_mask(mask, self.latent_factor), jnp.float32)
+        latents = jnp.zeros((n_out, h, w, 4), jnp.float32)
+        has_latent = np.zeros(n_out, bool)
+        out = np.zeros((n_out, g.out_h, g.out_w, 3), np.uint8) if not cfg.full_res else None
+        full = np.zeros((n_out, g.full_h, g.full_w, 3), np.uint8) if cfg.full_res else None
+        black = np.full((1, g.canvas_h, g.canvas_w, 3), -1.0, np.float32)
+
+        bar = _progress(progress, len(windows), cfg.steps)
+        for wi, wdw in enumerate(windows):
+            idx = np.asarray(wdw.frames)
+            init_u8, masked_u8, _ = cv.build_canvases(small[idx], g)
+            kw = jax.random.fold_in(k_windows, wi)
+            enc = self.encode(np.concatenate([cv.to_model_range(init_u8), cv.to_model_range(masked_u8), black]), kw)
+            z_init, z_mask, z_black = enc[:WINDOW], enc[WINDOW:2 * WINDOW], enc[2 * WINDOW]
+            known = jnp.asarray(np.asarray(wdw.known))
+            cond, uncond, lmask, umask = assemble_conditions(z_mask, z_black, m_lat, latents[idx], known)
+            x = start_latent(z_init[None], eps0, self.denoiser.spec, self.schedule)
+            z0 = self.denoiser(self.unet_state, x, cond, uncond, lmask, umask, global_latents, wdw.fps_cond)[0]
+            # first occurrence wins (later slots of the same frame, e.g. padding, do not overwrite)
+            new = [j for j in range(WINDOW) if not has_latent[idx[j]] and idx[j] not in idx[:j]]
+            if new:
+                latents = latents.at[idx[new]].set(z0[np.asarray(new)])
+                has_latent[idx[new]] = True
+            emit = [j for j in range(WINDOW) if wdw.emit[j]]
+            if emit:
+                images = cv.to_uint8(self.decode(z0[np.asarray(emit)]))
+                comp = cv.composite(images, masked_u8[emit], mask)
+                for j, img in zip(emit, comp):
+                    if cfg.full_res:
+                        full[idx[j]] = self._full_res(img, frames[idx[j]], g)
+                    else:
+                        out[idx[j]] = self._crop_box(img[None], g)[0]
+            bar.window_done()
+        bar.close()
+        n_keep = min(n, cfg.limit) if cfg.limit else n
+        result = (full if cfg.full_res else out)[:n_keep]
+        return OutpaintResult(result, g, len(windows), time.perf_counter() - t0)
+
+    # -- output helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _paste(small: np.ndarray, g: Geometry) -> np.ndarray:
+        return cv.build_canvases(small, g, inpaint=False)[1]
+
+    @staticmethod
+    def _crop_box(canvases: np.ndarray, g: Geometry) -> np.ndarray:
+        return canvases[:, g.box_top:g.box_top + g.out_h, g.box_left:g.box_left + g.out_w]
+
+    def _full_res(self, canvas_img: np.ndarray, source: np.ndarray, g: Geometry) -> np.ndarray:
+        """Generated border upscaled to source scale around the untouched source frame."""
+        import cv2  # noqa: PLC0415
+
+        box = canvas_img[g.box_top:g.box_top + g.out_h, g.box_left:g.box_left + g.out_w]
+        big = cv2.resize(box, (g.full_w, g.full_h), interpolation=cv2.INTER_CUBIC)
+        t, l = g.full_top, g.full_left
+        region = big[t:t + g.src_h, l:l + g.src_w]
+        f = int(round(self.config.feather * g.full_w / g.out_w)) if self.config.feather else 0
+        if f > 0:
+            yy = np.minimum(np.arange(g.src_h), np.arange(g.src_h)[::-1])[:, None]
+            xx = np.minimum(np.arange(g.src_w), np.arange(g.src_w)[::-1])[None, :]
+            # only feather along sides that border generated content
+            alpha = np.clip(np.minimum(yy if g.full_h > g.src_h else f, xx if g.full_w > g.src_w else f) / f, 0, 1)[..., None]
+            region[:] = np.round(alpha * source + (1 - alpha) * region).astype(np.uint8)
+        else:
+            region[:] = source
+        return big
+
+
+class _progress:
+    """tqdm bars over windows (and denoising steps, counted per window)."""
+
+    def __init__(self, enabled, n_windows: int, steps: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=n_windows, unit="window", desc=f"outpainting ({steps} steps/window)", leave=False)
+
+    def window_done(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def outpaint(frames: np.ndarray, fps: float = 30.0, *, weights=None, unet=None, vae=None, progress: bool = False,
+             **config) -> OutpaintResult:
+    """Outpaint uint8 RGB ``frames (N, H, W, 3)``. Models come from ``unet``/``vae`` or ``weights``
+    (see :func:`m3ddm_jax.weights.resolve_weights`); ``config`` are :class:`OutpaintConfig` fields."""
+    if unet is None or vae is None:
+        from m3ddm_jax.weights import load_models  # noqa: PLC0415
+
+        unet, vae = load_models(weights)
+    return Outpainter(unet, vae, OutpaintConfig(**config))(frames, fps, progress=progress)
