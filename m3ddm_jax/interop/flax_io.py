@@ -60,7 +60,10 @@ def save_flax_folder(folder: str | os.PathLike, kind: str, config: Mapping, flat
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file({path_to_str(p): np.ascontiguousarray(np.asarray(a)) for p, a in flat.items()}, str(tmp / FLAX_WEIGHTS))
+        save_file({path_to_str(p): np.require(np.asarray(a), requirements="C") for p, a in flat.items()}, str(tmp / FLAX_WEIGHTS))  # keeps 0-d arrays 0-d
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if folder.exists():
             old = folder.with_name(folder.name + ".old")
             if old.exists():

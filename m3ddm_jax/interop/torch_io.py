@@ -83,7 +83,7 @@ def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file  # noqa: PLC0415
 
-            save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp))
+            save_file({k: np.require(np.asarray(v), requirements="C") for k, v in sd.items()}, str(tmp))  # keeps 0-d arrays 0-d
         elif path.suffix == ".bin":
             torch = _import_torch()
             from collections import OrderedDict  # noqa: PLC0415
