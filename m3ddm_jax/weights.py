@@ -44,6 +44,21 @@ def _looks_like_repo_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint (so an offline machine fails fast, without retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket  # noqa: PLC0415
+    from urllib.parse import urlparse  # noqa: PLC0415
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _download(repo_id: str, subfolder: str | None, what: str) -> Path:
     """Fetch config.json + weights (safetensors preferred) of ``repo_id[/subfolder]``; return the folder."""
     try:
@@ -54,10 +69,12 @@ def _download(repo_id: str, subfolder: str | None, what: str) -> Path:
     hint = (f"download {what} on a connected machine (huggingface-cli download {repo_id}"
             f"{' --include ' + repr(prefix + '*') if prefix else ''}) and pass the local folder with --weights")
     try:
-        try:
-            files = list_repo_files(repo_id)
-        except Exception:
-            files = None  # offline: fall back to whatever is in the local hub cache
+        files = None  # offline: use whatever is in the local hub cache
+        if _hub_reachable():
+            try:
+                files = list_repo_files(repo_id)
+            except Exception:
+                files = None
         names = None
         if files is not None:
             # a repo may keep the U-Net at the root or under unet/
@@ -74,8 +91,8 @@ def _download(repo_id: str, subfolder: str | None, what: str) -> Path:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot get {what} from the Hugging Face hub ({repo_id}): "
-                              f"{type(e).__name__}; {hint}") from e
+        reason = "not in the local cache and the hub is unreachable" if not _hub_reachable(1.0) else type(e).__name__
+        raise CheckpointError(f"cannot get {what} from the Hugging Face hub ({reason}); {hint}") from e
     path = Path(folder) / prefix if prefix else Path(folder)
     if not _is_model_folder(path):
         raise CheckpointError(f"{repo_id}: no model found after download; {hint}")

@@ -157,8 +157,8 @@ def _make_input(path: Path, frames: np.ndarray, fps: float, audio: bool = False)
     return path
 
 
-def _infer(*args, cwd=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+def _infer(*args, cwd=None, **env_extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env_extra)
     return subprocess.run([sys.executable, str(REPO / "infer.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=900)
 
@@ -191,7 +191,8 @@ def test_infer_cli_end_to_end(weights_dir, tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary leftovers
 
 
-@pytest.mark.parametrize("case", ["missing", "text_as_mp4", "zero_frames", "ratio_zero", "ratio_abc", "unwritable", "corrupt_weights"])
+@pytest.mark.parametrize("case", ["missing", "text_as_mp4", "zero_frames", "ratio_zero", "ratio_abc", "unwritable", "corrupt_weights",
+                                  "offline_default_weights"])
 def test_infer_bad_input(case, weights_dir, tmp_path):
     good = write_video(tmp_path / "good.mp4", synthetic_video(3, 32, 18), 24, lossless=True)
     args = [good, "--weights", weights_dir, "--output", tmp_path / "out.mp4", "--quiet"]
@@ -222,10 +223,58 @@ def test_infer_bad_input(case, weights_dir, tmp_path):
         (bad / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage" * 100)
         (bad / "vae").symlink_to(weights_dir / "vae")
         args[args.index("--weights") + 1] = bad
-    p = _infer(*args)
+    env = {}
+    if case == "offline_default_weights":  # no --weights, nothing cached, no network: what to download, one line
+        del args[1:3]
+        env = {"HF_HOME": str(tmp_path / "hf"), "M3DDM_JAX_CACHE": str(tmp_path / "cache")}
+    p = _infer(*args, **env)
     err = p.stderr.strip().splitlines()
     print(case, "->", p.stderr.strip())
     assert p.returncode != 0
     assert len(err) == 1 and err[0].startswith("infer.py: error:") and "Traceback" not in p.stderr
     assert not (tmp_path / "out.mp4").exists()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+    if case == "offline_default_weights":
+        assert "MurakawaTakuya/M3DDM-Plus" in err[0] and "--weights" in err[0]
+
+
+def test_resolve_weights_local_layouts(weights_dir, tmp_path, monkeypatch):
+    from m3ddm_jax.errors import CheckpointError
+    from m3ddm_jax.weights import resolve_weights
+
+    unet, vae = resolve_weights(weights_dir)
+    assert unet == weights_dir / "unet" and vae == weights_dir / "vae"
+    # a U-Net folder alone plus an explicit VAE folder
+    unet, vae = resolve_weights(weights_dir / "unet", vae=weights_dir / "vae")
+    assert unet == weights_dir / "unet" and vae == weights_dir / "vae"
+    with pytest.raises(CheckpointError, match="weights not found"):
+        resolve_weights(tmp_path / "missing" / "folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no unet/ folder"):
+        resolve_weights(tmp_path / "empty")
+
+
+def test_hub_weights_are_converted_once_and_cached(weights_dir, tmp_path, monkeypatch):
+    """A hub download (simulated by a local PyTorch folder) is converted to Flax once and reused."""
+    import m3ddm_jax.weights as W
+
+    monkeypatch.setenv("M3DDM_JAX_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_download(repo_id, subfolder, what):
+        calls.append((repo_id, subfolder))
+        return weights_dir / ("vae" if subfolder else "unet")
+
+    monkeypatch.setattr(W, "_download", fake_download)
+    unet, vae = W.resolve_weights("someone/some-m3ddm")
+    assert calls == [("someone/some-m3ddm", None), (W.DEFAULT_VAE_REPO, "vae")]
+    assert (unet / "flax_model.safetensors").is_file() and (vae / "flax_model.safetensors").is_file()
+    stamp = (unet / "flax_model.safetensors").stat().st_mtime_ns
+    unet2, _ = W.resolve_weights("someone/some-m3ddm")
+    assert unet2 == unet and (unet / "flax_model.safetensors").stat().st_mtime_ns == stamp
+    # the cached Flax weights equal the PyTorch ones
+    from m3ddm_jax.interop.unet import load_unet_flat
+
+    _, a = load_unet_flat(weights_dir / "unet")
+    _, b = load_unet_flat(unet)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
