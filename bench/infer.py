@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Inference speed and memory: seconds per denoising step and per video, square vs tight canvas.
+
+    python bench/infer.py                 # tiny fixture U-Net + tiny VAE, 256-px output
+    python bench/infer.py --full-compile  # + the full-size U-Net's window loop: lower + compile (no weights)
+    python bench/infer.py --full-step     # + one real step of the full-size model (random weights, ~5 GB)
+
+Prints one line per measurement. Not run by CI.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from bench.common import FIXTURES, peak_rss_gib  # noqa: E402
+
+
+def synthetic(n, h, w):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([np.stack([(xx * 3 + i) % 256, (yy * 2) % 256, np.full_like(xx, 128)], -1) for i in range(n)]).astype(np.uint8)
+
+
+def bench_tiny(args):
+    import jax
+
+    from m3ddm_jax.interop.unet import load_unet
+    from m3ddm_jax.interop.vae import load_vae
+    from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
+
+    unet = load_unet(FIXTURES / "m3ddm_tiny" / "unet")
+    vae = load_vae(FIXTURES / "window_sampler" / "vae")
+    frames = synthetic(args.frames, 192, 108)  # 9:16
+    print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+    for canvas in ("square", "tight"):
+        times = {}
+        for steps in (10, 50):
+            op = Outpainter(unet, vae, OutpaintConfig(ratio="16:9", output_size=args.size, canvas=canvas, steps=steps))
+            t = time.perf_counter()
+            r = op(frames, 24.0)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            r = op(frames, 24.0)
+            times[steps] = time.perf_counter() - t
+            print(f"tiny {canvas:6s} canvas {r.geometry.canvas_w}x{r.geometry.canvas_h}, {steps} steps: "
+                  f"{r.frames.shape[0]} frames, {r.windows} windows, first run (with compile) {first:.2f} s, "
+                  f"warm {times[steps]:.2f} s/video")
+        per_step = (times[50] - times[10]) / (40 * r.windows)
+        print(f"tiny {canvas:6s}: {per_step * 1e3:.1f} ms per denoising step (batch 4 x 16 frames), "
+              f"{times[50]:.2f} s per {args.frames}-frame video at 50 steps")
+    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+
+
+def bench_full(args):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m3ddm_jax.interop.unet import abstract_unet
+    from m3ddm_jax.models.unet3d import UNet3DConfig
+    from m3ddm_jax.outpaint.sampler import Guidance, build_denoiser
+
+    cfg = UNet3DConfig()
+    model = abstract_unet(cfg)
+    den, state = build_denoiser(model, "plms", 50, Guidance())
+    f, h, w = 16, 32, 32
+    sds = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    lat = sds((f, h, w, 4))
+    msk = sds((f, h, w, 1))
+    t = time.perf_counter()
+    lowered = den._jit.lower(state, sds((1, f, h, w, 4)), lat, lat, msk, msk, sds((16, 32, 32, 4)), sds(()))
+    t_lower = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops", float("nan")) if cost else float("nan")
+    print(f"full-size 50-step window loop: lower {t_lower:.1f} s, compile {t_compile:.1f} s, "
+          f"XLA flops (loop body counted once) {flops:.3g}, peak RSS {peak_rss_gib():.2f} GiB")
+    if args.full_step:
+        from m3ddm_jax.models.unet3d import unet_from_config
+        from m3ddm_jax.outpaint.sampler import combine, unet_rows
+
+        real = unet_from_config(cfg, 0)
+        gd, st = nnx.split(real)
+
+        @jax.jit
+        def one_step(st, x, cond, mask, glob):
+            m = nnx.merge(gd, st)
+            rows = unet_rows(x, cond, cond, mask, jnp.ones_like(mask), Guidance())
+            return combine(m(rows, 961, glob, 24, guidance=4), Guidance())
+
+        key = jax.random.key(0)
+        args_ = (st, jax.random.normal(key, (1, f, h, w, 4)), jax.random.normal(key, (f, h, w, 4)),
+                 jnp.ones((f, h, w, 1)), jax.random.normal(key, (16, 32, 32, 4)))
+        t = time.perf_counter()
+        jax.block_until_ready(one_step(*args_))
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(one_step(*args_))
+        t2 = time.perf_counter() - t
+        print(f"full-size one guided step (batch 4 x 16 frames, 32x32 latents): first {t1:.1f} s (with compile), "
+              f"warm {t2:.1f} s, peak RSS {peak_rss_gib():.2f} GiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, default=37)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--skip-tiny", action="store_true")
+    p.add_argument("--full-compile", action="store_true")
+    p.add_argument("--full-step", action="store_true")
+    args = p.parse_args()
+    if not args.skip_tiny:
+        bench_tiny(args)
+    if args.full_compile or args.full_step:
+        bench_full(args)
+
+
+if __name__ == "__main__":
+    main()
