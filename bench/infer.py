@@ -34,11 +34,11 @@ def bench_tiny(args):
 
     unet = load_unet(FIXTURES / "m3ddm_tiny" / "unet")
     vae = load_vae(FIXTURES / "window_sampler" / "vae")
-    frames = synthetic(args.frames, 192, 108)  # 9:16
-    print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+    frames = synthetic(args.frames, 192, 108)  # 9:16 source
+    print(f"backend {jax.default_backend()}, {args.frames} frames 9:16 -> 16:9 at {args.size} px")
     for canvas in ("square", "tight"):
         times = {}
-        for steps in (10, 50):
+        for steps in (args.steps_lo, args.steps_hi):
             op = Outpainter(unet, vae, OutpaintConfig(ratio="16:9", output_size=args.size, canvas=canvas, steps=steps))
             t = time.perf_counter()
             r = op(frames, 24.0)
@@ -46,12 +46,12 @@ def bench_tiny(args):
             t = time.perf_counter()
             r = op(frames, 24.0)
             times[steps] = time.perf_counter() - t
-            print(f"tiny {canvas:6s} canvas {r.geometry.canvas_w}x{r.geometry.canvas_h}, {steps} steps: "
-                  f"{r.frames.shape[0]} frames, {r.windows} windows, first run (with compile) {first:.2f} s, "
-                  f"warm {times[steps]:.2f} s/video")
-        per_step = (times[50] - times[10]) / (40 * r.windows)
-        print(f"tiny {canvas:6s}: {per_step * 1e3:.1f} ms per denoising step (batch 4 x 16 frames), "
-              f"{times[50]:.2f} s per {args.frames}-frame video at 50 steps")
+            print(f"  {canvas:6s} canvas {r.geometry.canvas_w}x{r.geometry.canvas_h}, {steps:2d} steps: {r.windows} windows, "
+                  f"first run (with compiles) {first:.2f} s, warm {times[steps]:.2f} s/video", flush=True)
+        per_step = (times[args.steps_hi] - times[args.steps_lo]) / ((args.steps_hi - args.steps_lo) * r.windows)
+        per_video_50 = times[args.steps_hi] + (50 - args.steps_hi) * per_step * r.windows
+        print(f"tiny, {canvas} canvas: {per_step * 1e3:.1f} ms per denoising step (U-Net batch 4 x 16 frames), "
+              f"about {per_video_50:.1f} s per {args.frames}-frame video at 50 steps", flush=True)
     print(f"peak RSS {peak_rss_gib():.2f} GiB")
 
 
@@ -110,7 +110,9 @@ def bench_full(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--frames", type=int, default=37)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--steps-lo", type=int, default=5)
+    p.add_argument("--steps-hi", type=int, default=15)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--full-compile", action="store_true")
