@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Reproduce the M3DDM+ paper's DAVIS / DAVIS Static table (MSE, PSNR, SSIM, LPIPS, FVD, BMSE).
+
+    python eval.py --config configs/eval_davis.py --config.data.dir=/data/DAVIS [--config.weights=W]
+                   [--config.compare=W2] [--config.protocol=clean] [--config.output_dir=DIR]
+
+For every sequence x dataset (DAVIS, DAVIS Static) x mask ratio (0.25, 0.66) x model: the ground truth is
+resized and centre-cropped to the target box (256x144 for 16:9), its centre is kept (192x144 / 88x144),
+the model outpaints it back to the box, and the metrics of :mod:`m3ddm_jax.metrics` compare the result
+with the ground truth under the chosen protocol (``reference`` = the M3DDM+ evaluation as it runs,
+``clean`` = its faults fixed; see :mod:`m3ddm_jax.metrics.protocol`).
+
+Output folder: ``per_video.jsonl`` (one row per video, rewritten atomically after each video) and
+``per_video.csv``, ``summary.md`` (the paper's layout) and ``summary.json``, ``features/`` (I3D clip
+embeddings, so FVD over the whole set survives a resume), ``videos/`` with ``save_videos``. A rerun skips
+every video already scored with the same settings. Bad input gives one line on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from m3ddm_jax.errors import ConfigError, UserError  # noqa: E402
+from m3ddm_jax.metrics.report import (DATASET_LABELS, Model, Settings, Store, short_hash, pct,  # noqa: E402
+                                      save_npy_atomic, write_reports)
+
+PROG = "eval.py"
+REPO = Path(__file__).resolve().parent
+_CONFIG = None  # the --config flag, defined when run as a script (so importing this file defines no flags)
+
+
+# -- config -> settings -----------------------------------------------------------------------------------
+
+def _split(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+
+
+def model_name(spec: str) -> str:
+    from m3ddm_jax.weights import DEFAULT_UNET_REPO, M3DDM_UNET_REPO  # noqa: PLC0415
+
+    s = spec.strip()
+    if not s or s.lower() in ("m3ddm+", "m3ddm-plus") or s == DEFAULT_UNET_REPO:
+        return "M3DDM+"
+    if s.lower() == "m3ddm" or s == M3DDM_UNET_REPO:
+        return "M3DDM"
+    return Path(s.rstrip("/")).name or s
+
+
+def parse_models(cfg) -> list[Model]:
+    specs = [str(cfg.weights or "").strip()] + _split(cfg.compare)
+    names = _split(cfg.model_names)
+    if names and len(names) != len(specs):
+        raise ConfigError(f"model_names has {len(names)} names for {len(specs)} weight sets")
+    out, seen = [], {}
+    for i, spec in enumerate(specs):
+        name = names[i] if names else model_name(spec)
+        if name in seen:
+            seen[name] += 1
+            name = f"{name} ({seen[name]})"
+        else:
+            seen[name] = 1
+        out.append(Model(name, spec))
+    return out
+
+
+def parse_settings(cfg) -> Settings:
+    from m3ddm_jax.masks import AXES  # noqa: PLC0415
+    from m3ddm_jax.metrics.protocol import get_protocol  # noqa: PLC0415
+    from m3ddm_jax.outpaint.geometry import CANVAS_MODES, parse_ratio  # noqa: PLC0415
+    from m3ddm_jax.outpaint.windows import parse_strides  # noqa: PLC0415
+
+    get_protocol(cfg.protocol)
+    parse_ratio(cfg.target_ratio)
+    if cfg.output_size < 64:
+        raise ConfigError(f"output_size must be at least 64, got {cfg.output_size}")
+    if cfg.canvas not in CANVAS_MODES:
+        raise ConfigError(f"canvas must be one of {CANVAS_MODES}, got {cfg.canvas!r}")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be positive, got {cfg.steps}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.masks.axis not in AXES:
+        raise ConfigError(f"masks.axis must be one of {AXES}, got {cfg.masks.axis!r}")
+    try:
+        ratios = tuple(float(r) for r in _split(cfg.masks.ratios))
+    except ValueError as e:
+        raise ConfigError(f"masks.ratios must be comma-separated numbers, got {cfg.masks.ratios!r}") from e
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise ConfigError(f"masks.ratios must be numbers in (0, 1), got {cfg.masks.ratios!r}")
+    datasets = tuple(_split(cfg.data.datasets))
+    bad = [d for d in datasets if d not in DATASET_LABELS]
+    if not datasets or bad:
+        raise ConfigError(f"data.datasets must list davis and/or davis_static, got {cfg.data.datasets!r}")
+    tfds = cfg.data.source == "tfds" or (cfg.data.source == "auto" and not str(cfg.data.dir or "").strip())
+    m = cfg.metrics
+    if m.fvd and (m.fvd_clip < 9 or m.fvd_size < 32):
+        raise ConfigError("metrics.fvd_clip must be at least 9 frames and metrics.fvd_size at least 32 pixels")
+    return Settings(
+        protocol=cfg.protocol, target_ratio=str(cfg.target_ratio), output_size=int(cfg.output_size),
+        canvas=cfg.canvas, strides=parse_strides(str(cfg.strides)) if not isinstance(cfg.strides, tuple) else tuple(cfg.strides),
+        limit=None if cfg.limit is None or cfg.limit < 0 else int(cfg.limit), steps=int(cfg.steps), seed=int(cfg.seed),
+        dtype=cfg.dtype, axis=cfg.masks.axis, ratios=tuple(dict.fromkeys(ratios)), datasets=tuple(dict.fromkeys(datasets)),
+        source=cfg.data.tfds_name if tfds else "files", resolution="" if tfds else str(cfg.data.resolution),
+        lpips=m.lpips_net if m.lpips else None, fvd=(int(m.fvd_size), int(m.fvd_clip)) if m.fvd else None,
+        psnr_max=float(m.psnr_max),
+    )
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+
+class Evaluator:
+    def __init__(self, cfg, settings: Settings, models: list[Model], store: Store):
+        from m3ddm_jax.data.davis import gt_size  # noqa: PLC0415
+        from m3ddm_jax.metrics.protocol import get_protocol  # noqa: PLC0415
+
+        self.cfg, self.s, self.models, self.store = cfg, settings, models, store
+        self.protocol = get_protocol(settings.protocol)
+        self.sig = settings.signature()
+        self.box = gt_size(settings.target_ratio, settings.output_size)
+        self._outpainters: dict[str, object] = {}
+        self._model_folders: dict[str, tuple] = {}
+        self._scorer = None
+        self._i3d = None
+        self._lpips_files = None
+        self._i3d_file = None
+
+    # checks that need no compute -------------------------------------------------------------------
+    def check_geometry(self) -> None:
+        """The outpainted box must coincide with the ground-truth box and the kept centre (not every ratio does)."""
+        from m3ddm_jax.masks import eval_keep_box  # noqa: PLC0415
+        from m3ddm_jax.outpaint.geometry import make_geometry  # noqa: PLC0415
+
+        th, tw = self.box
+        for r in self.s.ratios:
+            top, left, h, w = eval_keep_box(th, tw, r, self.s.axis)
+            g = make_geometry(h, w, ratio=self.s.target_ratio, output_size=self.s.output_size, canvas=self.s.canvas)
+            if (g.out_h, g.out_w) != (th, tw) or g.frame_in_box != (top, left) or (g.frame_h, g.frame_w) != (h, w):
+                raise ConfigError(
+                    f"target {self.s.target_ratio} at output size {self.s.output_size}: the model's {g.out_w}x{g.out_h} output "
+                    f"does not line up with the {tw}x{th} ground truth for mask ratio {r:g}; use a ratio/size whose box "
+                    f"sides are multiples of 8 (e.g. 16:9 at 256, 4:3 at 64)")
+
+    def resolve_weights(self, work) -> None:
+        """Find (or fetch) every weights file the pending work needs, before any compute."""
+        from m3ddm_jax.metrics.fvd import resolve_i3d_file  # noqa: PLC0415
+        from m3ddm_jax.metrics.lpips import resolve_lpips_files  # noqa: PLC0415
+        from m3ddm_jax.weights import resolve_weights  # noqa: PLC0415
+
+        for model in dict.fromkeys(item[3] for item in work):
+            self._model_folders[model.name] = resolve_weights(model.spec or None, self.cfg.vae or None)
+        m = self.cfg.metrics
+        if self.s.lpips:
+            self._lpips_files = resolve_lpips_files(self.s.lpips, m.lpips_trunk or None, m.lpips_heads or None)
+        if self.s.fvd:
+            self._i3d_file = resolve_i3d_file(m.fvd_weights or None)
+
+    # lazily built compute ----------------------------------------------------------------------------
+    def scorer(self):
+        if self._scorer is None:
+            from m3ddm_jax.metrics.lpips import build_lpips, lpips_flat_from_torch  # noqa: PLC0415
+            from m3ddm_jax.metrics.protocol import FrameScorer  # noqa: PLC0415
+            from m3ddm_jax.metrics.weights import read_arrays  # noqa: PLC0415
+
+            lp = None
+            if self._lpips_files:
+                trunk, heads = self._lpips_files
+                lp = build_lpips(self.s.lpips, lpips_flat_from_torch(self.s.lpips, read_arrays(trunk), read_arrays(heads)))
+            self._scorer = FrameScorer(self.protocol, lp, batch=self.cfg.metrics.batch, psnr_max=self.s.psnr_max)
+        return self._scorer
+
+    def i3d(self):
+        if self._i3d is None and self._i3d_file is not None:
+            from m3ddm_jax.metrics.fvd import I3DFeatures, build_i3d, i3d_flat_from_released  # noqa: PLC0415
+            from m3ddm_jax.metrics.weights import read_arrays  # noqa: PLC0415
+
+            size, clip = self.s.fvd
+            model = build_i3d(i3d_flat_from_released(read_arrays(self._i3d_file)))
+            self._i3d = I3DFeatures(model, size=size, clip_len=clip, batch=self.cfg.metrics.fvd_batch)
+        return self._i3d
+
+    def outpainter(self, model: Model):
+        if model.name not in self._outpainters:
+            import jax.numpy as jnp  # noqa: PLC0415
+
+            from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter  # noqa: PLC0415
+            from m3ddm_jax.weights import load_models  # noqa: PLC0415
+
+            dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[self.s.dtype]
+            unet_folder, vae_folder = self._model_folders[model.name]
+            unet, vae = load_models(unet_folder, vae_folder, dtype=dtype)
+            self._outpainters[model.name] = Outpainter(unet, vae, OutpaintConfig(
+                ratio=self.s.target_ratio, output_size=self.s.output_size, canvas=self.s.canvas, strides=self.s.strides,
+                limit=self.s.limit, steps=self.s.steps, seed=self.s.seed))
+        return self._outpainters[model.name]
+
+    # the loop ------------------------------------------------------------------------------------------
+    def pending(self, sequences: list[str]) -> list[tuple[str, str, float, Model]]:
+        return [(seq, ds, r, m) for seq in sequences for ds in self.s.datasets for r in self.s.ratios for m in self.models
+                if not self.store.has(Store.row_id(self.sig, m, ds, r, seq))]
+
+    def gt_features(self, dataset: str, seq: str, gt, n: int) -> str | None:
+        if self.i3d() is None:
+            return None
+        name = f"gt_{short_hash(f'{self.sig}|{dataset}|{seq}|{n}')}.npy"
+        path = self.store.feature_path(name)
+        if not path.exists():
+            save_npy_atomic(path, self.i3d()(gt[:n]))
+        return name
+
+    def run(self, source, work, label: str) -> int:
+        import numpy as np  # noqa: PLC0415
+        from tqdm import tqdm  # noqa: PLC0415
+
+        from m3ddm_jax.data.davis import jpeg_roundtrip, masked_input, prepare_gt, static_video  # noqa: PLC0415
+        from m3ddm_jax.masks import eval_pixel_mask  # noqa: PLC0415
+
+        by_seq: dict[str, list] = {}
+        for item in work:
+            by_seq.setdefault(item[0], []).append(item)
+        bar = tqdm(total=len(work), unit="video", desc=f"eval ({self.protocol.name})", disable=not self.cfg.progress,
+                   file=sys.stderr)
+        done = 0
+        for seq, items in by_seq.items():
+            frames, fps = source.load(seq)
+            gt_moving = prepare_gt(frames, self.box, self.protocol.resize)
+            del frames
+            for ds in self.s.datasets:
+                ds_items = [it for it in items if it[1] == ds]
+                if not ds_items:
+                    continue
+                gt = gt_moving if ds == "davis" else static_video(gt_moving)
+                gt_eval = jpeg_roundtrip(gt, self.protocol.jpeg_gt)
+                for r in self.s.ratios:
+                    r_items = [it for it in ds_items if it[2] == r]
+                    if not r_items:
+                        continue
+                    inp = jpeg_roundtrip(masked_input(gt, r, self.s.axis), self.protocol.jpeg_gt)
+                    region = eval_pixel_mask(self.box[0], self.box[1], r, self.s.axis)
+                    for _, _, _, model in r_items:
+                        bar.set_postfix_str(f"{model.name} {label}{DATASET_LABELS[ds]} {pct(r)} {seq}", refresh=False)
+                        t0 = time.perf_counter()
+                        res = self.outpainter(model)(inp, fps)
+                        gen = jpeg_roundtrip(res.frames, self.protocol.jpeg_gen)
+                        t1 = time.perf_counter()
+                        n = min(len(gen), len(gt_eval))
+                        per_frame = self.scorer()(gt_eval[:n], gen[:n], region)
+                        rid = Store.row_id(self.sig, model, ds, r, seq)
+                        fvd_file = gt_file = None
+                        n_clips = None
+                        if self.i3d() is not None:
+                            gt_file = self.gt_features(ds, seq, gt_eval, n)
+                            feats = self.i3d()(gen[:n])
+                            n_clips = int(len(feats))
+                            fvd_file = f"gen_{short_hash(rid)}.npy"
+                            save_npy_atomic(self.store.feature_path(fvd_file), feats)
+                        row = {"id": rid, "signature": self.sig, "protocol": self.protocol.name, "model": model.name,
+                               "weights": model.spec, "dataset": ds, "mask_ratio": r, "axis": self.s.axis,
+                               "sequence": seq, "frames": int(n), "fvd_clips": n_clips, "fvd_file": fvd_file,
+                               "gt_fvd_file": gt_file, "seconds_generate": round(t1 - t0, 3),
+                               "seconds_score": round(time.perf_counter() - t1, 3)}
+                        row.update({k: float(np.mean(v)) for k, v in per_frame.items()})
+                        if self.cfg.save_videos:
+                            self.save_video(model, ds, r, seq, gen[:n], fps)
+                        self.store.add(row)
+                        done += 1
+                        bar.update(1)
+        bar.close()
+        return done
+
+    def save_video(self, model: Model, ds: str, r: float, seq: str, frames, fps: float) -> None:
+        from m3ddm_jax.video import write_video  # noqa: PLC0415
+
+        folder = self.store.dir / "videos" / model.name.replace("/", "_") / f"{ds}_{r:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(folder / f"{seq}.mp4", frames, fps)
+
+
+# -- entry point -----------------------------------------------------------------------------------------------
+
+def evaluate(cfg) -> int:
+    from m3ddm_jax.data.davis import open_source, resolve_sequences  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    settings = parse_settings(cfg)
+    models = parse_models(cfg)
+    out_dir = Path(cfg.output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output_dir {out_dir} is a file")
+    store = Store(out_dir)  # reads the rows of an earlier run, if any
+    ev = Evaluator(cfg, settings, models, store)
+    ev.check_geometry()
+    source = open_source(cfg.data.source, cfg.data.dir, resolution=cfg.data.resolution, tfds_name=cfg.data.tfds_name,
+                         tfds_splits=cfg.data.tfds_splits, fps=cfg.data.fps)
+    sequences = resolve_sequences(cfg.data.sequences, source.names())
+    work = ev.pending(sequences)
+    if work:
+        ev.resolve_weights(work)  # fail before any compute when model or metric weights are missing
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from e
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output folder is not writable: {out_dir}")
+    total = len(sequences) * len(settings.datasets) * len(settings.ratios) * len(models)
+    print(f"{PROG}: protocol {settings.protocol}; {len(sequences)} sequences x {len(settings.datasets)} datasets x "
+          f"{len(settings.ratios)} mask ratios x {len(models)} models: {total - len(work)} already scored, "
+          f"{len(work)} to score", file=sys.stderr)
+    done = ev.run(source, work, source.label) if work else 0
+    md = write_reports(store, settings, models, source.label, sequences, ev.protocol.describe(), ev.box)
+    print(f"{PROG}: scored {done} videos in {time.perf_counter() - t0:.1f} s; table {md}", file=sys.stderr)
+    return 0
+
+
+def main(argv) -> None:
+    from absl import logging  # noqa: PLC0415
+
+    logging.set_verbosity(logging.WARNING)  # no INFO chatter from JAX's backend probing
+    if len(argv) > 1:
+        print(f"{PROG}: error: unexpected arguments {' '.join(argv[1:])} (options are --config.FIELD=VALUE)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        cfg = _CONFIG.value
+        cfg.protocol  # noqa: B018 - a config file that failed to load reports here
+    except (OSError, AttributeError, KeyError, SyntaxError) as e:
+        print(f"{PROG}: error: cannot load the config: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        code = evaluate(cfg)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (finished videos are kept; rerun to resume)", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def define_flags() -> None:
+    global _CONFIG
+    try:  # config_flags reads the file and applies --config.* overrides right here
+        _CONFIG = config_flags.DEFINE_config_file("config", str(REPO / "configs" / "eval_davis.py"),
+                                                  "evaluation config file (ml_collections)", lock_config=True)
+    except (AttributeError, KeyError, ValueError, TypeError, OSError, SyntaxError) as e:
+        msg = str(e).strip().strip("\"'") or type(e).__name__
+        print(f"{PROG}: error: bad --config or override: {msg.splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

