@@ -230,6 +230,8 @@ METRIC_COLS = ("MSE", "PSNR", "SSIM", "LPIPS", "FVD", "BMSE")
 
 
 def test_eval_end_to_end_and_resume(env):
+    """2 datasets x 2 mask ratios x 2 sequences with the tiny model, then a rerun that skips all of them.
+    (Two weight sets side by side: test_summary_puts_models_side_by_side, to keep this test short.)"""
     out = env["root"] / "out"
     r = run(eval_cmd(env, out))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -23,6 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from m3ddm_jax.metrics.protocol import FRAME_METRICS
+
 DATASET_LABELS = {"davis": "", "davis_static": " Static"}
 
 
@@ -117,7 +119,7 @@ class Store:
 
     def has(self, rid: str) -> bool:
         row = self.rows.get(rid)
-        return row is not None and (row.get("fvd_file") is None or (self.features / row["fvd_file"]).exists())
+        return row is not None and all((self.features / row[k]).exists() for k in ("fvd_file", "gt_fvd_file") if row.get(k))
 
     def add(self, row: dict) -> None:
         self.rows[row["id"]] = row
@@ -133,7 +135,6 @@ class Store:
         if not name or not (self.features / name).exists():
             return None
         return np.load(self.features / name)
-
 
 
 COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
@@ -155,7 +156,7 @@ def summarize(store: Store, settings: Settings, models: list[Model], label: str,
                         if (rid := Store.row_id(sig, m, ds, r, seq)) in store.rows]
                 entry = {"dataset": f"{label}{DATASET_LABELS[ds]}", "dataset_key": ds, "mask_ratio": r, "model": m.name,
                          "weights": m.spec, "videos": len(rows), "frames": int(sum(x["frames"] for x in rows))}
-                keys = sorted({k for x in rows for k in x if k.split("_gen")[0] in ("mse", "psnr", "ssim", "lpips", "bmse")})
+                keys = [k + sfx for sfx in ("", "_gen") for k in FRAME_METRICS if any(k + sfx in x for x in rows)]
                 for k in keys:
                     vals = [x[k] for x in rows if k in x]
                     entry[k] = float(np.mean(vals)) if vals else None

@@ -102,7 +102,7 @@ def resolve_file(spec: str | os.PathLike | None, *, what: str, candidates: Itera
         if not p.is_file():
             raise CheckpointError(f"{what}: {p} is a folder, expected a weights file")
         return p
-    if _looks_like_hub_file(spec):
+    if _looks_like_hub_file(spec) and not Path(spec.split("/")[0]).exists():
         owner, repo, *rest = spec.split("/")
         try:
             from huggingface_hub import hf_hub_download  # noqa: PLC0415
