@@ -35,6 +35,18 @@ def _eps_model(x, t, noises):
     return (x - jnp.sqrt(a) * noises[0]) / jnp.sqrt(1.0 - a) + 0.2 * noises[1 + t % (noises.shape[0] - 1)]
 
 
+def _trajectory(spec, nz, x):
+    """Every sample of the sampler's loop driven by :func:`_eps_model` (one jitted scan)."""
+    ts = jnp.asarray(spec.loop_timesteps)
+
+    def body(carry, i):
+        x, st = carry
+        x, st = spec.step(st, _eps_model(x, ts[i], nz), i, x)
+        return (x, st), x
+
+    return jax.jit(lambda x: jax.lax.scan(body, (x, spec.init(x)), jnp.arange(spec.num_calls))[1])(x)
+
+
 def test_schedule_matches_reference_tables(sampler_npz, sched_cfg):
     abar = alphas_cumprod(sched_cfg)
     err = np.abs(abar - sampler_npz["sched.alphas_cumprod"]).max()
@@ -92,18 +104,7 @@ def test_plms_trajectory_matches_diffusers(sched_cfg):
         ref.append(x.numpy())
     ref = np.stack(ref)
 
-    @jax.jit
-    def ours(x):
-        ts = jnp.asarray(spec.loop_timesteps)
-
-        def body(carry, i):
-            x, st = carry
-            x, st = spec.step(st, _eps_model(x, ts[i], nz), i, x)
-            return (x, st), x
-
-        return jax.lax.scan(body, (x, spec.init(x)), jnp.arange(spec.num_calls))[1]
-
-    xs = np.asarray(ours(jnp.asarray(x0)))
+    xs = np.asarray(_trajectory(spec, nz, jnp.asarray(x0)))
     err = np.abs(xs - ref).max()
     print(f"\nPLMS 50-step trajectory vs diffusers PNDMScheduler: max abs err {err:.3g} (|x| max {np.abs(ref).max():.3g})")
     assert err < 1e-5
@@ -135,18 +136,7 @@ def test_ddim_trajectory_matches_diffusers(sched_cfg):
         ref.append(x.numpy())
     ref = np.stack(ref)
 
-    @jax.jit
-    def ours(x):
-        ts = jnp.asarray(spec.loop_timesteps)
-
-        def body(carry, i):
-            x, st = carry
-            x, st = spec.step(st, _eps_model(x, ts[i], nz), i, x)
-            return (x, st), x
-
-        return jax.lax.scan(body, (x, spec.init(x)), jnp.arange(spec.num_calls))[1]
-
-    err = np.abs(np.asarray(ours(jnp.asarray(x0))) - ref).max()
+    err = np.abs(np.asarray(_trajectory(spec, nz, jnp.asarray(x0))) - ref).max()
     print(f"\nDDIM 50-step trajectory vs diffusers DDIMScheduler: max abs err {err:.3g} (|x| max {np.abs(ref).max():.3g})")
     assert err < 1e-5
 
