@@ -157,5 +157,8 @@ def test_unknown_sampler_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown sampler"):
         make_sampler("euler")
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        make_sampler("plms", 1)
+    assert make_sampler("plms", 2).num_calls == 2 and make_sampler("ddim", 1).num_calls == 1
     with pytest.raises(ConfigError, match="timestep_spacing"):
         ScheduleConfig.from_dict({"timestep_spacing": "trailing"})

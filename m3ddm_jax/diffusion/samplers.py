@@ -75,6 +75,8 @@ def plms_timesteps(num_steps: int, cfg: ScheduleConfig) -> np.ndarray:
 
 
 def make_plms(num_steps: int = 50, strength: float = 1.0, cfg: ScheduleConfig = ScheduleConfig()) -> SamplerSpec:
+    if num_steps < 2:
+        raise ConfigError(f"the PLMS sampler needs at least 2 steps, got {num_steps}")
     abar = jnp.asarray(alphas_cumprod(cfg))
     final = jnp.float32(final_alpha_cumprod(cfg))
     step_size = cfg.num_train_timesteps // num_steps
