@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.preview = ml_collections.ConfigDict()
     c.preview.every = 0                       # outpaint a val video every N steps (0 = off)
-    c.preview.ratio = "16:9"
+    c.preview.ratio = ""                      # '' = the ground truth's own W:H
     c.preview.crop_ratio = 0.25               # horizontal crop of the ground truth, outpainted back
     c.preview.frames = 16
     c.preview.steps = 50

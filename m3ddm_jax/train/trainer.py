@@ -367,7 +367,8 @@ class Trainer:
         top, left, kh, kw = M.eval_keep_box(h, w, float(cfg.crop_ratio), "horizontal")
         src = video.frames[:, top:top + kh, left:left + kw]
         vae = nnx.merge(self.vae_gd, self.vae_state)
-        op = Outpainter(self.unet_model(), vae, OutpaintConfig(ratio=str(cfg.ratio), output_size=int(cfg.output_size),
+        ratio = str(cfg.ratio or "") or f"{w}:{h}"  # default: back to the ground truth's own shape
+        op = Outpainter(self.unet_model(), vae, OutpaintConfig(ratio=ratio, output_size=int(cfg.output_size),
                                                                steps=int(cfg.steps), seed=int(self.config.seed)))
         result = op(src, video.fps)
         out_dir = self.workdir / "previews"
