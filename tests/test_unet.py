@@ -493,7 +493,8 @@ def test_remat_and_bf16_compute():
 def test_random_init_matches_reference_init(tiny_cfg):
     model = unet_from_config(tiny_cfg, 0)
     st = model.down_blocks[0].attentions[0]
-    assert np.array_equal(np.asarray(st.proj_in2.kernel[...]), np.eye(8)) and not np.any(np.asarray(st.proj_in2.bias[...]))
+    assert np.array_equal(np.asarray(st.proj_in2.kernel[...]), np.eye(8))
+    assert not np.any(np.asarray(st.proj_in2.bias[...]))
     assert np.array_equal(np.asarray(st.proj_out2.kernel[...]), np.eye(8))
     assert not np.any(np.asarray(st.transformer_blocks[0].attn1.to_out[0].kernel[...]))
     k = np.asarray(model.conv_out.temporal_conv.kernel[...])

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -204,11 +204,3 @@ def export_unet_torch(src, out_folder: str | os.PathLike, fmt: str = "safetensor
     write_state_dict(sd, out / TORCH_WEIGHT_FILES[fmt])
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
-
-
-def describe(config) -> dict[str, Any]:
-    """Counts of the key table of ``config`` (keys, parameters, BatchNorm buffers)."""
-    table = unet_key_table(config)
-    n_params = sum(int(np.prod(e.torch_shape)) for e in table.entries
-                   if not e.is_int and not e.torch_key.endswith(("running_mean", "running_var")))
-    return {"keys": len(table), "parameters": n_params}

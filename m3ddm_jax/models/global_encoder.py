@@ -53,7 +53,8 @@ class ConvBN(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """HF ``ResNetBottleNeckLayer`` (``downsample_in_bottleneck=False``): 1x1 -> 3x3 (stride) -> 1x1, + shortcut, ReLU."""
+    """HF ``ResNetBottleNeckLayer`` (``downsample_in_bottleneck=False``): 1x1 -> 3x3 (stride) -> 1x1,
+    plus shortcut, ReLU."""
 
     def __init__(self, cin: int, cout: int, stride: int, *, opts: ComputeOptions, param_dtype, rngs: nnx.Rngs):
         mid = cout // REDUCTION

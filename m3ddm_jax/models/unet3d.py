@@ -28,7 +28,7 @@ import dataclasses
 import json
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from m3ddm_jax.models.global_encoder import IN_CHANNELS as ENC_IN_CHANNELS
 from m3ddm_jax.models.global_encoder import OUT_CHANNELS as ENC_OUT_CHANNELS
 from m3ddm_jax.models.global_encoder import LightImageEncoder, encoder_output_size
 from m3ddm_jax.models.layers import (
+    AUTO_BUDGET_MIB,
     DEFAULT_OPTIONS,
     F32,
     ComputeOptions,
@@ -177,7 +178,8 @@ class UNet3DConfig:
             if c % self.norm_num_groups:
                 bad("norm_num_groups", f"does not divide block width {c}")
         attn_widths = {c for c, t in zip(self.block_out_channels, self.down_block_types) if t.startswith("CrossAttn")}
-        attn_widths |= {c for c, t in zip(reversed(self.block_out_channels), self.up_block_types) if t.startswith("CrossAttn")}
+        attn_widths |= {c for c, t in zip(reversed(self.block_out_channels), self.up_block_types)
+                        if t.startswith("CrossAttn")}
         attn_widths.add(self.block_out_channels[-1])  # mid block
         for c in sorted(attn_widths):
             if c % self.attention_head_dim:
@@ -251,12 +253,16 @@ def as_config(config) -> UNet3DConfig:
 
 # -- attention and transformer --------------------------------------------------------------------------
 
-def query_chunk_for(opts: ComputeOptions, batch: int, heads: int, lq: int, lk: int) -> int | None:
-    """Largest power-of-two query chunk whose float32 scores ``(batch, heads, chunk, lk)`` fit the budget."""
-    if opts.attention_impl != "xla" or opts.attention_budget_mib is None:
+def query_chunk_for(opts: ComputeOptions, batch: int, heads: int, lq: int, lk: int, head_dim: int) -> int | None:
+    """Largest power-of-two query chunk whose float32 scores ``(batch, heads, chunk, lk)`` fit the budget
+    (``None``: no chunking needed or wanted)."""
+    budget = opts.attention_budget_mib
+    if opts.attention_impl != "xla" or budget is None:
         return None
+    if budget == "auto":
+        budget = AUTO_BUDGET_MIB * min(max(head_dim / 32, 1 / 8), 4)
     per_row = batch * heads * lk * 4
-    rows = int(opts.attention_budget_mib * 2**20) // max(per_row, 1)
+    rows = int(float(budget) * 2**20) // max(per_row, 1)
     if rows >= lq:
         return None
     return max(1 << (max(rows, 1).bit_length() - 1), 8)
@@ -297,7 +303,7 @@ class CrossAttention(nnx.Module):
             if bq % bk:
                 raise ValueError(f"attention: {bq} query rows do not group into {bk} context rows")
             q = q.reshape(bk, (bq // bk) * lq, c)
-        chunk = query_chunk_for(self.opts, q.shape[0], self.heads, q.shape[1], lk)
+        chunk = query_chunk_for(self.opts, q.shape[0], self.heads, q.shape[1], lk, c // self.heads)
         out = attention(q, k, v, self.heads, impl=self.opts.attention_impl, query_chunk=chunk)
         return self.to_out[0](out.reshape(bq, lq, c))
 
@@ -556,7 +562,8 @@ class UNet3DConditionModel(nnx.Module):
         dtype: compute dtype (``None``: the parameters' dtype; ``jnp.bfloat16`` for bf16 compute with fp32 params).
         param_dtype: dtype of randomly initialised parameters.
         attention_impl: ``"xla"`` (default), ``"dot_product"`` or ``"cudnn"``.
-        attention_budget_mib: per-chunk float32 score budget of the ``"xla"`` attention (``None``: no chunking).
+        attention_budget_mib: per-chunk float32 score budget of the ``"xla"`` attention in MiB, ``"auto"``
+            (head-width dependent, see :class:`~m3ddm_jax.models.layers.ComputeOptions`) or ``None`` (no chunking).
         remat: rematerialise each ResNet / transformer in the backward pass (training memory).
         precision: ``jax.lax.Precision`` of matmuls and convolutions.
     """
@@ -568,12 +575,15 @@ class UNet3DConditionModel(nnx.Module):
         dtype=None,
         param_dtype=F32,
         attention_impl: str = "xla",
-        attention_budget_mib: float | None = 128.0,
+        attention_budget_mib: float | str | None = "auto",
         remat: bool = False,
         precision=None,
         rngs: nnx.Rngs,
     ):
         cfg = as_config(config)
+        if not (attention_budget_mib is None or attention_budget_mib == "auto" or (
+                _is_num(attention_budget_mib) and attention_budget_mib > 0)):
+            raise ConfigError(f"attention_budget_mib {attention_budget_mib!r}: a positive number, 'auto' or None")
         if attention_impl not in IMPLEMENTATIONS:
             raise ConfigError(f"attention_impl {attention_impl!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
         if dtype is not None:
@@ -585,7 +595,8 @@ class UNet3DConditionModel(nnx.Module):
         kw = dict(opts=opts, param_dtype=param_dtype, rngs=KeySource(rngs))
         ch = cfg.block_out_channels
         c0, temb, n = ch[0], cfg.time_embed_dim, len(ch)
-        groups, eps, heads, ctx = cfg.norm_num_groups, float(cfg.norm_eps), cfg.attention_head_dim, cfg.cross_attention_dim
+        groups, eps = cfg.norm_num_groups, float(cfg.norm_eps)
+        heads, ctx = cfg.attention_head_dim, cfg.cross_attention_dim
 
         self.conv_in = Conv2d(cfg.in_channels, c0, 3, padding=1, torch_rank=5, **kw)
         self.time_embedding = TimestepEmbedding(c0, temb, **kw)
