@@ -385,7 +385,7 @@ def test_forward_shape_errors(tiny_cfg):
 # -- pieces: train-mode BatchNorm, shared context, chunking, remat, bf16, init ------------------------------
 
 def test_batchnorm_train_mode_matches_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 5, 5, 7)).astype(np.float32) * 2 + 0.5
     tbn = torch.nn.BatchNorm2d(7, eps=1e-5, momentum=0.1)
