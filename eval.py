@@ -28,6 +28,9 @@ from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from m3ddm_jax.errors import ConfigError, UserError  # noqa: E402
+from m3ddm_jax.runtime import tune_malloc  # noqa: E402
+
+tune_malloc()  # m3ddm_jax/runtime.py
 from m3ddm_jax.metrics.report import (DATASET_LABELS, Model, Settings, Store, short_hash, pct,  # noqa: E402
                                       save_npy_atomic, write_reports)
 

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 from m3ddm_jax.cli_common import OneLineParser, run_main
+from m3ddm_jax.runtime import tune_malloc
+
+tune_malloc()  # see m3ddm_jax/runtime.py: XLA CPU buffers without mmap page-fault storms
 from m3ddm_jax.errors import UserError
 
 

@@ -19,6 +19,9 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from m3ddm_jax.cli_common import run_main  # noqa: E402
+from m3ddm_jax.runtime import tune_malloc  # noqa: E402
+
+tune_malloc()  # m3ddm_jax/runtime.py
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
                                           lock_config=True)

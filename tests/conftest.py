@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+from m3ddm_jax.runtime import tune_malloc
+
+tune_malloc()  # see m3ddm_jax/runtime.py: XLA CPU buffers without mmap page-fault storms
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("M3DDM_SHARED", REPO.parent / "shared"))
