@@ -6,7 +6,7 @@ One train step, inside ONE ``jax.jit`` (spec 6.4-6.5, 4.2):
    the draws do not depend on how the batch is sharded): the training mask (M3DDM+ uniform or M3DDM per-frame,
    with the frame cases), optional condition dropout (local: black frames + all-ones mask; global: zero
    latents), ``t ~ U{0..999}``, ``eps ~ N(0, I)``;
-2. frozen VAE: posterior samples x 0.18215 of the clip, the masked clip (masked pixels = -1, black) and the
+2. frozen VAE: posterior samples x the VAE scaling factor of the clip, the masked clip (masked pixels = -1, black) and the
    global frames (``stop_gradient``);
 3. ``x_t = add_noise(z, eps, t)``; U-Net input ``[x_t | z_masked | mask[::8, ::8]]``; the U-Net predicts ``eps``;
 4. loss = MSE over all latent elements (reference) or over the masked latents only (``loss = "masked"``);
