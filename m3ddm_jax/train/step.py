@@ -227,7 +227,7 @@ class StepFns:
             return num / jnp.maximum(den, 1.0), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = dict(state, params=params, batch_stats=new_stats, opt_state=opt_state, step=step + 1)
