@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3ddm_jax.models.norms import group_norm
+
 Array = jax.Array
 F32 = jnp.float32
 
@@ -318,14 +320,8 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(const_vector(num_channels, 0.0, param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        shape = x.shape
-        c, g = shape[-1], self.num_groups
-        xf = x.astype(F32).reshape(shape[0], -1, g, c // g)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        xc = xf - mean
-        var = jnp.mean(jnp.square(xc), axis=(1, 3), keepdims=True)
-        y = (xc * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        y = y * self.scale[...].astype(F32) + self.bias[...].astype(F32)
+        # the project's one group norm (accurate float32 statistics over long reductions)
+        y = group_norm(x.astype(F32), self.scale[...], self.bias[...], self.num_groups, self.eps)
         return y.astype(self.opts.out_dtype(x))
 
 
