@@ -26,17 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-UNETS = {
-    "tiny": dict(in_channels=9, out_channels=4, block_out_channels=[8, 12], layers_per_block=2,
-                 down_block_types=["CrossAttnDownBlock3D", "DownBlockP3D"],
-                 up_block_types=["UpBlockP3D", "CrossAttnUpBlock3D"], norm_num_groups=4,
-                 attention_head_dim=4, cross_attention_dim=320),
-    "mid": dict(in_channels=9, out_channels=4, block_out_channels=[64, 128, 256, 256], layers_per_block=2,
-                down_block_types=["CrossAttnDownBlock3D"] * 3 + ["DownBlockP3D"],
-                up_block_types=["UpBlockP3D"] + ["CrossAttnUpBlock3D"] * 3, norm_num_groups=32,
-                attention_head_dim=8, cross_attention_dim=320),
-    "full": {},
-}
+from bench.common import UNET_CONFIGS as UNETS  # noqa: E402
 # shape defaults per config (CPU-friendly; raise them on accelerators)
 DEFAULTS = {"tiny": dict(batch=2, frames=4, global_frames=4, size=48, vae="tiny"),
             "mid": dict(batch=2, frames=8, global_frames=8, size=64, vae="tiny"),

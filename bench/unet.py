@@ -35,18 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # trimming keeps the pages mapped and reuses them. Set the same variables for any CPU inference/training run.
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
-CONFIGS = {
-    # the golden-fixture tiny config (widths 8, 12; 4 heads; 4 groups)
-    "tiny": dict(in_channels=9, out_channels=4, block_out_channels=[8, 12], layers_per_block=2,
-                 down_block_types=["CrossAttnDownBlock3D", "DownBlockP3D"],
-                 up_block_types=["UpBlockP3D", "CrossAttnUpBlock3D"], norm_num_groups=4,
-                 attention_head_dim=4, cross_attention_dim=320),
-    "mid": dict(in_channels=9, out_channels=4, block_out_channels=[64, 128, 256, 256], layers_per_block=2,
-                down_block_types=["CrossAttnDownBlock3D"] * 3 + ["DownBlockP3D"],
-                up_block_types=["UpBlockP3D"] + ["CrossAttnUpBlock3D"] * 3, norm_num_groups=32,
-                attention_head_dim=8, cross_attention_dim=320),
-    "full": {},  # the released model (UNet3DConfig defaults)
-}
+from bench.common import UNET_CONFIGS as CONFIGS  # noqa: E402
 
 
 def _patch_unnormalized_softmax() -> None:
