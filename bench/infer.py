@@ -17,7 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from bench.common import FIXTURES, peak_rss_gib  # noqa: E402
+from bench.common import peak_rss_gib  # noqa: E402
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE  # noqa: E402
 
 
 def synthetic(n, h, w):
@@ -32,8 +33,8 @@ def bench_tiny(args):
     from m3ddm_jax.interop.vae import load_vae
     from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
 
-    unet = load_unet(FIXTURES / "m3ddm_tiny" / "unet")
-    vae = load_vae(FIXTURES / "window_sampler" / "vae")
+    unet = load_unet(TINY_UNET)
+    vae = load_vae(TINY_VAE)
     frames = synthetic(args.frames, 192, 108)  # 9:16 source
     print(f"backend {jax.default_backend()}, {args.frames} frames 9:16 -> 16:9 at {args.size} px")
     for canvas in ("square", "tight"):

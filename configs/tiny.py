@@ -1,25 +1,23 @@
-"""A tiny model for tests and smoke runs (CPU): the fixture U-Net (widths 8/12) and the fixture VAE,
-48-px clips of 4 frames, 4 global frames, batch 2, Adam 1e-3.
+"""A tiny model for tests and smoke runs (CPU): the tiny U-Net (widths 8/12) and VAE that ship in the
+package (``m3ddm_jax/assets/tiny``, the golden-parity models), 48-px clips of 4 frames, 4 global frames,
+batch 2, Adam 1e-3.
 
     python train.py --config configs/tiny.py --config.data.dir=VIDEOS --workdir /tmp/tiny_run
 """
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import m3ddm_plus  # noqa: E402
-
-_SHARED = Path(os.environ.get("M3DDM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = _SHARED / "fixtures"
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE  # noqa: E402
 
 
 def get_config():
     c = m3ddm_plus.get_config()
     c.name = "tiny"
-    c.model.init = str(FIXTURES / "m3ddm_tiny" / "unet")   # '' + model.unet_config for a random init
-    c.model.unet_config = str(FIXTURES / "m3ddm_tiny" / "unet" / "config.json")
-    c.model.vae = str(FIXTURES / "window_sampler" / "vae")
+    c.model.init = str(TINY_UNET)   # '' + model.unet_config for a random init
+    c.model.unet_config = str(TINY_UNET / "config.json")
+    c.model.vae = str(TINY_VAE)
     c.model.attention_budget_mib = 0.0   # 0 = no query chunking
     c.data.num_frames = 4
     c.data.num_global_frames = 4

@@ -1,7 +1,11 @@
-"""Shared test set-up: paths to the golden fixtures and absl flag parsing for grain workers."""
+"""Shared test set-up: the golden fixtures (in the repository), absl flag parsing for grain workers.
+
+Golden data recorded from the PyTorch reference lives in ``tests/fixtures`` (see its README.md); the tiny
+U-Net and VAE it was recorded with ship in the package (``m3ddm_jax/assets/tiny``). Nothing outside the
+repository is read.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,7 @@ from m3ddm_jax.runtime import tune_malloc
 tune_malloc()  # see m3ddm_jax/runtime.py: XLA CPU buffers without mmap page-fault storms
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("M3DDM_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 try:  # grain worker processes need absl flags marked parsed
     from absl import flags
@@ -23,6 +26,21 @@ except Exception:  # pragma: no cover
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        raise FileNotFoundError(f"golden fixtures not found at {FIXTURES} (set M3DDM_SHARED)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_bin(tmp_path_factory) -> Path:
+    """The tiny U-Net as a PyTorch ``.bin`` release folder (``torch.save`` of the shipped safetensors tensors):
+    the recorded reference files held the same tensors in both formats; only the safetensors copy ships."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from m3ddm_jax.assets import TINY_UNET
+
+    d = tmp_path_factory.mktemp("tiny_unet_bin")
+    shutil.copy(TINY_UNET / "config.json", d / "config.json")
+    torch.save(load_file(TINY_UNET / "diffusion_pytorch_model.safetensors"), d / "diffusion_pytorch_model.bin")
+    return d

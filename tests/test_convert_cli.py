@@ -12,6 +12,7 @@ import pytest
 
 from m3ddm_jax.interop.cli import main as convert_main
 from m3ddm_jax.interop.torch_io import read_state_dict, write_state_dict
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,9 +24,9 @@ def _assert_same_state(a: dict, b: dict):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("kind_dir, fmt", [("m3ddm_tiny/unet", "bin"), ("window_sampler/vae", "safetensors")])
-def test_round_trip_is_bit_exact(fixtures_dir, tmp_path, kind_dir, fmt, capsys):
-    src = fixtures_dir / kind_dir
+@pytest.mark.parametrize("kind, fmt", [("unet", "bin"), ("vae", "safetensors")])
+def test_round_trip_is_bit_exact(tmp_path, kind, fmt, capsys):
+    src = {"unet": TINY_UNET, "vae": TINY_VAE}[kind]
     assert convert_main([str(src), str(tmp_path / "flax")]) == 0
     assert convert_main([str(tmp_path / "flax"), str(tmp_path / "pt"), "--format", fmt]) == 0
     out = capsys.readouterr().out
@@ -40,12 +41,12 @@ def test_round_trip_is_bit_exact(fixtures_dir, tmp_path, kind_dir, fmt, capsys):
             assert cfg_out[k] == v, k
 
 
-def test_fp16_stays_fp16_through_a_pipeline_folder(fixtures_dir, tmp_path):
+def test_fp16_stays_fp16_through_a_pipeline_folder(tmp_path):
     pipe = tmp_path / "pipe"
-    for sub, d in (("unet", "m3ddm_tiny/unet"), ("vae", "window_sampler/vae")):
+    for sub, d in (("unet", TINY_UNET), ("vae", TINY_VAE)):
         (pipe / sub).mkdir(parents=True)
-        shutil.copy(fixtures_dir / d / "config.json", pipe / sub / "config.json")
-        sd = read_state_dict(fixtures_dir / d / "diffusion_pytorch_model.safetensors")
+        shutil.copy(d / "config.json", pipe / sub / "config.json")
+        sd = read_state_dict(d / "diffusion_pytorch_model.safetensors")
         sd = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in sd.items()}
         write_state_dict(sd, pipe / sub / "diffusion_pytorch_model.safetensors")
     p = subprocess.run([sys.executable, "-m", "convert", str(pipe), str(tmp_path / "flax")], cwd=REPO,
@@ -58,11 +59,11 @@ def test_fp16_stays_fp16_through_a_pipeline_folder(fixtures_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["remove", "rename", "reshape"])
-def test_bad_checkpoint_names_the_key(fixtures_dir, tmp_path, damage, capsys):
+def test_bad_checkpoint_names_the_key(tmp_path, damage, capsys):
     src = tmp_path / "unet"
     src.mkdir()
-    shutil.copy(fixtures_dir / "m3ddm_tiny/unet/config.json", src)
-    sd = read_state_dict(fixtures_dir / "m3ddm_tiny/unet/diffusion_pytorch_model.safetensors")
+    shutil.copy(TINY_UNET / "config.json", src)
+    sd = read_state_dict(TINY_UNET / "diffusion_pytorch_model.safetensors")
     key = "down_blocks.0.attentions.0.transformer_blocks2.0.attn1.to_q.weight"
     if damage == "remove":
         del sd[key]

@@ -15,6 +15,7 @@ import pytest
 
 from m3ddm_jax.data import davis
 from m3ddm_jax.errors import UserError
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 SEQS = ("bear", "blackswan")
@@ -85,12 +86,12 @@ def write_metric_weights(root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, fixtures_dir):
+def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     weights = root / "weights"
     weights.mkdir()
-    (weights / "unet").symlink_to(fixtures_dir / "m3ddm_tiny" / "unet")
-    (weights / "vae").symlink_to(fixtures_dir / "window_sampler" / "vae")
+    (weights / "unet").symlink_to(TINY_UNET)
+    (weights / "vae").symlink_to(TINY_VAE)
     return {"root": root, "davis": write_fake_davis(root), "weights": weights, **write_metric_weights(root)}
 
 
@@ -157,10 +158,9 @@ def test_tfds_source_with_mocked_tfds(monkeypatch):
 
 def test_sequence_lists():
     assert len(davis.DAVIS2016) == 50 and len(set(davis.DAVIS2016)) == 50
-    shared = (REPO.parent / "shared" / "reference" / "davis2016_sequences.txt")
-    if shared.exists():
-        names = [ln.split()[1] for ln in shared.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        assert tuple(names) == davis.DAVIS2016
+    listed = REPO / "tests" / "fixtures" / "davis2016_sequences.txt"  # the spec's list, copied
+    names = [ln.split()[1] for ln in listed.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert tuple(names) == davis.DAVIS2016
     with pytest.raises(UserError, match=r"unknown sequence name.*bmx-bumps.*\+43 more"):
         davis.resolve_sequences("davis2016", ["bear", "blackswan"])
     assert davis.resolve_sequences("all", ["a", "b"]) == ["a", "b"]

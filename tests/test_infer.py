@@ -12,6 +12,7 @@ import pytest
 from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
 from m3ddm_jax.video import read_video, write_video
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10     # API tests: every test shares one compiled loop (64x64 canvas, 10 steps)
@@ -31,10 +32,10 @@ def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def weights_dir(fixtures_dir, tmp_path_factory):
+def weights_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("weights")
-    (d / "unet").symlink_to(fixtures_dir / "m3ddm_tiny" / "unet")
-    (d / "vae").symlink_to(fixtures_dir / "window_sampler" / "vae")
+    (d / "unet").symlink_to(TINY_UNET)
+    (d / "vae").symlink_to(TINY_VAE)
     return d
 
 

@@ -13,6 +13,7 @@ from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.geometry import make_geometry
 from m3ddm_jax.outpaint.sampler import Denoiser, Guidance, assemble_conditions, combine, start_latent, unet_rows
 from flax import nnx
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 
 def _cl(x):
@@ -31,9 +32,9 @@ def ws(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def models(fixtures_dir):
-    unet = load_unet(fixtures_dir / "m3ddm_tiny" / "unet")
-    vae = load_vae(fixtures_dir / "window_sampler" / "vae")
+def models():
+    unet = load_unet(TINY_UNET)
+    vae = load_vae(TINY_VAE)
     return unet, vae
 
 

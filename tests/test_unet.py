@@ -6,6 +6,7 @@ reference video tensors are ``(B, C, F, H, W)``, ours ``(B, F, H, W, C)``.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from m3ddm_jax.interop.unet import (
 )
 from m3ddm_jax.models.layers import BatchNorm, ComputeOptions
 from m3ddm_jax.models.unet3d import (
+from m3ddm_jax.assets import TINY_UNET
     CrossAttention,
     DownBlock,
     UNet3DConfig,
@@ -72,18 +74,18 @@ def io(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tiny_dir):
-    return UNet3DConfig.from_json_file(tiny_dir / "unet" / "config.json")
+def tiny_cfg():
+    return UNet3DConfig.from_json_file(TINY_UNET / "config.json")
 
 
 @pytest.fixture(scope="module")
-def sd_safetensors(tiny_dir):
-    return read_state_dict(tiny_dir / "unet" / "diffusion_pytorch_model.safetensors")
+def sd_safetensors():
+    return read_state_dict(TINY_UNET / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.fixture(scope="module")
-def sd_bin(tiny_dir):
-    return read_state_dict(tiny_dir / "unet" / "diffusion_pytorch_model.bin")
+def sd_bin(tiny_unet_bin):
+    return read_state_dict(tiny_unet_bin / "diffusion_pytorch_model.bin")
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +178,7 @@ def test_golden_parity_guidance(io, tiny_models, forward, case):
 
 @pytest.fixture(scope="module")
 def full_keys(fixtures_dir):
-    return json.loads((fixtures_dir / "m3ddm_full_keys.json").read_text())
+    return json.loads(gzip.decompress((fixtures_dir / "m3ddm_full_keys.json.gz").read_bytes()))
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from m3ddm_jax.models.vae import VAEConfig, decode_video, encode_video
 
 import torch
 import diffusers
+from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -127,7 +128,7 @@ def test_parity_with_diffusers(torch_vae, flax_vae):
 def test_reference_golden_vae(fixtures_dir):
     """The recorded reference run (window_sampler fixture): encode of the global frames, decode of z0."""
     data = np.load(fixtures_dir / "window_sampler" / "sampler.npz")
-    vae = load_vae(fixtures_dir / "window_sampler" / "vae")
+    vae = load_vae(TINY_VAE)
     dist = jax.jit(vae.encode)(jnp.asarray(data["in.global_frames"].transpose(0, 2, 3, 1)))
     z0 = data["out.z0"][0].transpose(1, 2, 3, 0)  # (C, F, h, w) -> (F, h, w, C), scaled latents
     out = jax.jit(vae.decode_latents)(jnp.asarray(z0))
