@@ -9,13 +9,15 @@ Forward::
                 timestep,        # scalar, (b,) or (B',); truncated to int like the reference's int64 cast
                 global_latents,  # (b * g, hg, wg, 4): VAE latents of the g global frames of each sample
                 fps,             # scalar, (b,) or (B',); truncated to int
-                guidance=1,      # the reference's do_classfier: 1 (training), 2 or 4 (two-factor CFG)
+                guidance=1,      # the reference's do_classfier: 1 (training), 2 or 4 (two-factor CFG); 3: see below
                 train=False)     # True: the global encoder's BatchNorms use/update batch statistics
     # -> (B', F, h, w, out_channels)
 
 With ``guidance=4`` the context rows are ``[zeros, zeros, G, G]`` (each a block of ``b`` samples), with
 ``guidance=2`` ``[zeros, G]`` (``is_empty_img=True``: ``[G, zeros]``); the zeros are latents fed through the
-encoder (spec §1.10). ``sample`` must be ordered the same way (the sampler's job).
+encoder (spec §1.10). ``sample`` must be ordered the same way (the sampler's job). ``guidance=3`` (not in the
+reference) is ``guidance=4`` without the ``uc`` row that two-factor guidance never uses: rows ``uu, cu, cc``,
+contexts ``[zeros, zeros, G]``; its outputs equal rows 0, 1, 3 of ``guidance=4``.
 
 Speed/memory design: the global tokens' keys/values are computed once per sample (not per frame) and the
 cross-attention queries of all frames of a sample are grouped against them; attention never builds more
@@ -67,7 +69,7 @@ TIME_MAX_PERIOD = 1000
 FPS_MAX_PERIOD = 30
 TEMPORAL_PE_DIM = 320
 TRANSFORMER_NORM_EPS = 1e-6
-GUIDANCE_MODES = (1, 2, 4)
+GUIDANCE_MODES = (1, 2, 3, 4)
 
 # Constructor defaults of the reference (used for fields a config.json does not state, as diffusers does).
 CODE_DEFAULTS: dict[str, Any] = {
@@ -646,14 +648,15 @@ class UNet3DConditionModel(nnx.Module):
         zeros_first = not (guidance == 2 and is_empty_img)
         if train or guidance == 1:
             z = jnp.zeros_like(gl)
-            rows = {1: [gl], 2: [z, gl] if zeros_first else [gl, z], 4: [z, z, gl, gl]}[guidance]
+            rows = {1: [gl], 2: [z, gl] if zeros_first else [gl, z], 3: [z, z, gl], 4: [z, z, gl, gl]}[guidance]
             enc = self.global_img_encoder(jnp.concatenate(rows, 0) if len(rows) > 1 else gl, train)
         else:
             # Eval mode: BatchNorm is per element, so encoder(0) is the same for every zero row and the
             # duplicated rows need computing once.
             e_g = self.global_img_encoder(gl, False)
             e_z = jnp.broadcast_to(self.global_img_encoder(jnp.zeros_like(gl[:1]), False), e_g.shape)
-            rows = {2: [e_z, e_g] if zeros_first else [e_g, e_z], 4: [e_z, e_z, e_g, e_g]}[guidance]
+            rows = {2: [e_z, e_g] if zeros_first else [e_g, e_z], 3: [e_z, e_z, e_g],
+                    4: [e_z, e_z, e_g, e_g]}[guidance]
             enc = jnp.concatenate(rows, 0)
         if capture is not None:
             capture["global_img_encoder"] = enc
