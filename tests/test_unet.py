@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from m3ddm_jax.assets import TINY_UNET
 from m3ddm_jax.errors import CheckpointError, ConfigError
 from m3ddm_jax.interop.flax_io import load_flax_folder
 from m3ddm_jax.interop.torch_io import read_state_dict, write_state_dict
@@ -34,7 +35,6 @@ from m3ddm_jax.interop.unet import (
 )
 from m3ddm_jax.models.layers import BatchNorm, ComputeOptions
 from m3ddm_jax.models.unet3d import (
-from m3ddm_jax.assets import TINY_UNET
     CrossAttention,
     DownBlock,
     UNet3DConfig,
@@ -274,7 +274,7 @@ def test_round_trip_fp32_bit_exact(tmp_path, tiny_dir, tiny_cfg, sd_safetensors,
         assert_same_state_dict(sd_safetensors, read_state_dict(out / f"diffusion_pytorch_model.{fmt}"))
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["_class_name"] == "UNet3DConditionModel"
-        ref_cfg = json.loads((tiny_dir / "unet" / "config.json").read_text())
+        ref_cfg = json.loads((TINY_UNET / "config.json").read_text())
         assert cfg == ref_cfg, "exported config.json differs from the reference's"
     # load_unet accepts a PyTorch folder (converted on the fly) and the Flax folder, with the same weights
     m_torch = load_unet(tmp_path / "torch_bin")
