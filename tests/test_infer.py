@@ -237,6 +237,7 @@ def test_infer_bad_input(case, weights_dir, tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
     if case == "offline_default_weights":
         assert "MurakawaTakuya/M3DDM-Plus" in err[0] and "--weights" in err[0]
+        assert "python -m m3ddm_jax.download DIR" in err[0] and "VAE" in err[0]  # every missing piece, one line
 
 
 def test_resolve_weights_local_layouts(weights_dir, tmp_path, monkeypatch):
