@@ -3,6 +3,8 @@
 
     python eval.py --config configs/eval_davis.py --config.data.dir=/data/DAVIS [--config.weights=W]
                    [--config.compare=W2] [--config.protocol=clean] [--config.output_dir=DIR]
+    python eval.py --config.data.dir=MY_VIDEOS          # a folder of your own videos: every video is scored
+    python eval.py --config.data.dir=/data/DAVIS --print_config   # every field and its value, then exit
 
 For every sequence x dataset (DAVIS, DAVIS Static) x mask ratio (0.25, 0.66) x model: the ground truth is
 resized and centre-cropped to the target box (256x144 for 16:9), its centre is kept (192x144 / 88x144),
@@ -10,7 +12,11 @@ the model outpaints it back to the box, and the metrics of :mod:`m3ddm_jax.metri
 with the ground truth under the chosen protocol (``reference`` = the M3DDM+ evaluation as it runs,
 ``clean`` = its faults fixed; see :mod:`m3ddm_jax.metrics.protocol`).
 
-Output folder: ``per_video.jsonl`` (one row per video, rewritten atomically after each video) and
+Sequences (``data.sequences``, default ``auto``): the paper's 50 DAVIS-2016 sequences for a DAVIS source
+(a DAVIS folder or TFDS), every video for a folder of videos; or ``all``, a named list, or names.
+
+Output folder (``output_dir``; default ``runs/eval/<dataset>`` under the current folder, e.g. ``runs/eval/DAVIS``
+or ``runs/eval/<your video folder's name>``; ``runs/`` is git-ignored in this checkout): ``per_video.jsonl`` (one row per video, rewritten atomically after each video) and
 ``per_video.csv``, ``summary.md`` (the paper's layout) and ``summary.json``, ``features/`` (I3D clip
 embeddings, so FVD over the whole set survives a resume), ``videos/`` with ``save_videos``. A rerun skips
 every video already scored with the same settings. Bad input gives one line on stderr and exit code 1.
@@ -27,6 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from m3ddm_jax.cli_common import (CONFIG_ERRORS, absl_flags_parser, checked_config, config_error_message,  # noqa: E402
+                                  print_config)
 from m3ddm_jax.errors import ConfigError, UserError  # noqa: E402
 from m3ddm_jax.runtime import tune_malloc  # noqa: E402
 
@@ -35,8 +43,10 @@ from m3ddm_jax.metrics.report import (DATASET_LABELS, Model, Settings, Store, sh
                                       save_npy_atomic, write_reports)
 
 PROG = "eval.py"
+DEFAULT_OUTPUT_ROOT = Path("runs") / "eval"  # relative to the current folder; runs/ is git-ignored in the checkout
 REPO = Path(__file__).resolve().parent
 _CONFIG = None  # the --config flag, defined when run as a script (so importing this file defines no flags)
+_PRINT_CONFIG = None
 
 
 # -- config -> settings -----------------------------------------------------------------------------------
@@ -159,7 +169,8 @@ class Evaluator:
         from m3ddm_jax.weights import resolve_weights  # noqa: PLC0415
 
         for model in dict.fromkeys(item[3] for item in work):
-            self._model_folders[model.name] = resolve_weights(model.spec or None, self.cfg.vae or None)
+            self._model_folders[model.name] = resolve_weights(model.spec or None, self.cfg.vae or None,
+                                                              weights_flag="--config.weights", vae_flag="--config.vae")
         m = self.cfg.metrics
         if self.s.lpips:
             self._lpips_files = resolve_lpips_files(self.s.lpips, m.lpips_trunk or None, m.lpips_heads or None)
@@ -289,21 +300,31 @@ class Evaluator:
 
 # -- entry point -----------------------------------------------------------------------------------------------
 
+def output_dir(spec: str, label: str) -> Path:
+    """``output_dir`` as given, or (empty) ``runs/eval/<dataset>`` under the current folder: one folder per
+    dataset, so that a DAVIS run and a run on your own videos never share (or skip) rows."""
+    spec = str(spec or "").strip()
+    if spec:
+        return Path(spec).expanduser()
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label).strip("._") or "videos"
+    return DEFAULT_OUTPUT_ROOT / name
+
+
 def evaluate(cfg) -> int:
     from m3ddm_jax.data.davis import open_source, resolve_sequences  # noqa: PLC0415
 
     t0 = time.perf_counter()
     settings = parse_settings(cfg)
     models = parse_models(cfg)
-    out_dir = Path(cfg.output_dir).expanduser()
+    source = open_source(cfg.data.source, cfg.data.dir, resolution=cfg.data.resolution, tfds_name=cfg.data.tfds_name,
+                         tfds_splits=cfg.data.tfds_splits, fps=cfg.data.fps)
+    out_dir = output_dir(cfg.output_dir, source.label)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output_dir {out_dir} is a file")
     store = Store(out_dir)  # reads the rows of an earlier run, if any
     ev = Evaluator(cfg, settings, models, store)
     ev.check_geometry()
-    source = open_source(cfg.data.source, cfg.data.dir, resolution=cfg.data.resolution, tfds_name=cfg.data.tfds_name,
-                         tfds_splits=cfg.data.tfds_splits, fps=cfg.data.fps)
-    sequences = resolve_sequences(cfg.data.sequences, source.names())
+    sequences = resolve_sequences(cfg.data.sequences, source.names(), default=source.default_sequences)
     work = ev.pending(sequences)
     if work:
         ev.resolve_weights(work)  # fail before any compute when model or metric weights are missing
@@ -331,11 +352,15 @@ def main(argv) -> None:
         print(f"{PROG}: error: unexpected arguments {' '.join(argv[1:])} (options are --config.FIELD=VALUE)", file=sys.stderr)
         sys.exit(2)
     try:
-        cfg = _CONFIG.value
-        cfg.protocol  # noqa: B018 - a config file that failed to load reports here
-    except (OSError, AttributeError, KeyError, SyntaxError) as e:
-        print(f"{PROG}: error: cannot load the config: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        cfg = checked_config(_CONFIG.value)  # a config file that failed to load reports here
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if _PRINT_CONFIG.value:
+        from absl import flags  # noqa: PLC0415
+
+        print_config(cfg, flags.FLAGS["config"].config_filename)
+        sys.exit(0)
     try:
         code = evaluate(cfg)
     except UserError as e:
@@ -348,16 +373,19 @@ def main(argv) -> None:
 
 
 def define_flags() -> None:
-    global _CONFIG
+    global _CONFIG, _PRINT_CONFIG
+    from absl import flags  # noqa: PLC0415
+
+    _PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                      "print the config's fields and values (after --config.* overrides) and exit")
     try:  # config_flags reads the file and applies --config.* overrides right here
         _CONFIG = config_flags.DEFINE_config_file("config", str(REPO / "configs" / "eval_davis.py"),
                                                   "evaluation config file (ml_collections)", lock_config=True)
-    except (AttributeError, KeyError, ValueError, TypeError, OSError, SyntaxError) as e:
-        msg = str(e).strip().strip("\"'") or type(e).__name__
-        print(f"{PROG}: error: bad --config or override: {msg.splitlines()[0]}", file=sys.stderr)
+    except CONFIG_ERRORS as e:
+        print(f"{PROG}: error: {config_error_message(e, sys.argv)}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=absl_flags_parser(PROG))

@@ -3,7 +3,8 @@
     python train.py --config configs/m3ddm_plus.py --config.data.dir=VIDEOS --workdir runs/plus
     python train.py --config configs/tiny.py --config.data.dir=VIDEOS --workdir /tmp/tiny   # CPU smoke run
 
-Any config field can be overridden with ``--config.a.b=value``. Re-running with the same ``--workdir``
+Any config field can be overridden with ``--config.a.b=value``; ``--print_config`` prints every field with its
+value (after the overrides) and exits. Re-running with the same ``--workdir``
 resumes from the newest checkpoint (model, optimizer, step, PRNG and data position). ``--multihost`` calls
 ``jax.distributed.initialize()`` first (TPU pods, multi-node GPU); only process 0 writes logs.
 Bad configuration or data: one line on stderr, exit code 1.
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from m3ddm_jax.cli_common import run_main  # noqa: E402
+from m3ddm_jax.cli_common import absl_flags_parser, checked_config, print_config, run_main  # noqa: E402
 from m3ddm_jax.runtime import tune_malloc  # noqa: E402
 
 tune_malloc()  # m3ddm_jax/runtime.py
@@ -29,6 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, logs, p
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (several hosts)")
 _STOP_AT = flags.DEFINE_integer("stop_at", None, "stop (with a checkpoint) at this step; resume later")
 _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "restore the newest checkpoint, export the U-Net, exit")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                  "print the config's fields and values (after --config.* overrides) and exit")
 
 
 def _main(argv) -> int:
@@ -38,6 +41,10 @@ def _main(argv) -> int:
     def run() -> int:
         if _CONFIG.value is None:
             raise ConfigError("--config is required (e.g. configs/m3ddm_plus.py)")
+        cfg = checked_config(_CONFIG.value)
+        if _PRINT_CONFIG.value:
+            print_config(cfg, flags.FLAGS["config"].config_filename)
+            return 0
         if not _WORKDIR.value:
             raise ConfigError("--workdir is required")
         import jax  # noqa: PLC0415
@@ -67,8 +74,4 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        app.run(lambda argv: sys.exit(_main(argv)))
-    except flags.Error as e:  # pragma: no cover
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    app.run(lambda argv: sys.exit(_main(argv)), flags_parser=absl_flags_parser("train.py"))
