@@ -1,7 +1,9 @@
 """``python eval.py --config configs/eval_davis.py``: the M3DDM+ paper's DAVIS / DAVIS Static table.
 
 Override any field on the command line, e.g. ``--config.data.dir=/data/DAVIS --config.weights=m3ddm+
---config.compare=m3ddm --config.output_dir=runs/eval``. Lists are comma-separated strings.
+--config.compare=m3ddm --config.output_dir=runs/eval``. Lists are comma-separated strings. ``--print_config``
+prints every field with its value (after the overrides) and exits. ``--config.data.dir`` may also be a folder
+of your own videos: then every video in it is scored.
 """
 import ml_collections
 
@@ -9,7 +11,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.protocol = "reference"        # "reference" (as the M3DDM+ evaluation, paper-comparable) or "clean"
-    c.output_dir = "eval_davis"     # per_video.jsonl/.csv, summary.md/.json, features/, videos/
+    # per_video.jsonl/.csv, summary.md/.json, features/, videos/. "" = runs/eval/<dataset> under the current
+    # folder (runs/eval/DAVIS, or runs/eval/<name of the video folder>); runs/ is git-ignored in the m3ddm-jax
+    # checkout. A rerun into the same folder resumes (videos already scored are skipped).
+    c.output_dir = ""
     # models: as infer.py --weights ("" = the M3DDM+ release; "m3ddm" / "m3ddm+"; a folder; a hub id)
     c.weights = ""
     c.vae = ""                      # VAE folder or hub id ("" = weights/vae or SD-1.5's VAE)
@@ -33,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.resolution = "480p"      # DAVIS folder: 480p or 1080p (the reference used 1080p JPEGs)
     c.data.tfds_name = "davis/480p"
     c.data.tfds_splits = "train,validation"
-    c.data.sequences = "davis2016"  # davis2016 (the paper's 50) | davis2016-train | davis2016-val | all | names
+    # auto: the paper's 50 DAVIS-2016 sequences for DAVIS (a folder or TFDS), every video for a folder of videos;
+    # or davis2016 | davis2016-train | davis2016-val | all | comma-separated names
+    c.data.sequences = "auto"
     c.data.datasets = "davis,davis_static"
     c.data.fps = 24.0               # DAVIS frame rate (the reference muxes the JPEGs at 24 fps)
 

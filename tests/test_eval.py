@@ -95,17 +95,21 @@ def env(tmp_path_factory):
     return {"root": root, "davis": write_fake_davis(root), "weights": weights, **write_metric_weights(root)}
 
 
-def eval_cmd(env, out: Path, *extra: str) -> list[str]:
+def eval_cmd(env, out: Path | None, *extra: str, data: Path | None = None, sequences=SEQS) -> list[str]:
+    """eval.py on the tiny model; ``out=None`` / ``sequences=None`` leave output_dir / data.sequences at their
+    defaults, ``data`` replaces the fake DAVIS folder."""
     return [sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs" / "eval_davis.py"),
-            f"--config.data.dir={env['davis']}", f"--config.weights={env['weights']}", f"--config.output_dir={out}",
+            f"--config.data.dir={data or env['davis']}", f"--config.weights={env['weights']}",
+            *([f"--config.output_dir={out}"] if out is not None else []),
             "--config.target_ratio=4:3", "--config.output_size=64", "--config.steps=5",
-            f"--config.data.sequences={','.join(SEQS)}", "--config.progress=False",
+            *([f"--config.data.sequences={','.join(sequences)}"] if sequences is not None else []),
+            "--config.progress=False",
             f"--config.metrics.lpips_trunk={env['trunk']}", f"--config.metrics.lpips_heads={env['heads']}",
             f"--config.metrics.fvd_weights={env['i3d']}", "--config.metrics.fvd_size=112", *extra]
 
 
-def run(cmd, timeout=600):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def run(cmd, timeout=600, cwd=REPO):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -164,6 +168,12 @@ def test_sequence_lists():
     with pytest.raises(UserError, match=r"unknown sequence name.*bmx-bumps.*\+43 more"):
         davis.resolve_sequences("davis2016", ["bear", "blackswan"])
     assert davis.resolve_sequences("all", ["a", "b"]) == ["a", "b"]
+    # auto (the config default): a DAVIS source's default is the paper's list, a video folder's is everything
+    assert davis.resolve_sequences("auto", ["b", "a"], default="all") == ["b", "a"]
+    assert davis.resolve_sequences("auto", list(davis.DAVIS2016)) == list(davis.DAVIS2016)
+    with pytest.raises(UserError, match=r"sequences=all scores every one"):
+        davis.resolve_sequences("auto", ["my-clip"], default=davis.DavisFolder.default_sequences)
+    assert davis.VideoFolder.default_sequences == "all"
 
 
 def test_gt_box_and_masked_input_sizes():
@@ -264,6 +274,26 @@ def test_eval_end_to_end_and_resume(env):
     assert (out / "per_video.jsonl").stat().st_mtime_ns == stamp
     assert {p.name: p.stat().st_mtime_ns for p in (out / "features").iterdir()} == feats
     assert (out / "summary.md").read_text() == md
+
+
+def test_eval_own_videos_defaults(env, tmp_path):
+    """A folder of the user's own videos: every video is scored without data.sequences, and the results go to
+    runs/eval/<folder name> under the current folder (not into the checkout)."""
+    from m3ddm_jax.video import write_video
+
+    clips = tmp_path / "my_clips"
+    clips.mkdir()
+    for i, name in enumerate(("holiday", "cat")):
+        write_video(clips / f"{name}.mp4", fake_frames(N_FRAMES, 48, 80, i), 24.0, lossless=True)
+    r = run(eval_cmd(env, None, "--config.data.datasets=davis", "--config.masks.ratios=0.25",
+                     "--config.metrics.lpips=False", "--config.metrics.fvd=False", data=clips, sequences=None),
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 sequences x 1 datasets x 1 mask ratios x 1 models" in r.stderr and "scored 2 videos" in r.stderr
+    out = tmp_path / "runs" / "eval" / "my_clips"
+    rows = [json.loads(ln) for ln in (out / "per_video.jsonl").read_text().splitlines()]
+    assert sorted(x["sequence"] for x in rows) == ["cat", "holiday"]
+    assert (out / "summary.md").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["my_clips", "runs"]
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------------

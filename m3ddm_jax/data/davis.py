@@ -11,7 +11,8 @@ Sources (all give uint8 RGB frames ``(N, H, W, 3)`` and a frame rate):
   ``tensorflow-datasets`` is an optional dependency imported only here.
 
 Sequence lists: :data:`DAVIS2016` (the 50 sequences of the paper: 30 train + 20 val, 3455 frames),
-``"all"`` (everything the source has) or explicit names.
+``"all"`` (everything the source has), explicit names, or ``"auto"``: the source's ``default_sequences``
+(``davis2016`` for DAVIS folders and TFDS, ``all`` for a folder of videos).
 
 Evaluation frames (spec section 7.2): :func:`gt_size` gives the target box (``S x round(S/r)`` for a
 ratio ``r >= 1``, each side floored to a multiple of 8: 256x144 for 16:9); :func:`prepare_gt` resizes by
@@ -53,6 +54,7 @@ RESOLUTION_DIRS = {"480p": ("480p",), "1080p": ("1080p", "Full-Resolution"), "fu
 
 class VideoSource(_Proto):
     label: str
+    default_sequences: str  # what data.sequences=auto selects
 
     def names(self) -> list[str]: ...
 
@@ -70,6 +72,7 @@ class DavisFolder:
     """``ROOT/JPEGImages/<resolution>/<sequence>/*.jpg`` (ROOT may also be a folder holding ``DAVIS/``)."""
 
     label = "DAVIS"
+    default_sequences = "davis2016"
 
     def __init__(self, root: str | os.PathLike, resolution: str = "480p", fps: float = DAVIS_FPS):
         root = Path(root).expanduser()
@@ -102,7 +105,9 @@ class DavisFolder:
 
 
 class VideoFolder:
-    """A folder of videos; names are file stems."""
+    """A folder of videos; names are file stems. All of them are scored by default."""
+
+    default_sequences = "all"
 
     def __init__(self, root: str | os.PathLike):
         root = Path(root).expanduser()
@@ -133,6 +138,7 @@ class TfdsDavis:
     """TFDS ``davis/480p`` through ``tfds.data_source`` (array_record; no TensorFlow needed)."""
 
     label = "DAVIS"
+    default_sequences = "davis2016"
 
     def __init__(self, name: str = "davis/480p", splits=("train", "validation"), data_dir: str | None = None,
                  fps: float = DAVIS_FPS):
@@ -200,15 +206,21 @@ def open_source(source: str = "auto", path: str | None = None, *, resolution: st
     raise ConfigError(f"data.source must be auto, davis, videos or tfds, got {source!r}")
 
 
-def resolve_sequences(spec, available: list[str]) -> list[str]:
-    """A named list (``davis2016``, ``davis2016-train``, ``davis2016-val``), ``all``, or names (comma-separated
-    string or a sequence). Every name must exist in ``available``."""
+def resolve_sequences(spec, available: list[str], default: str = "davis2016") -> list[str]:
+    """A named list (``davis2016``, ``davis2016-train``, ``davis2016-val``), ``all``, ``auto`` (= ``default``:
+    the source's ``default_sequences``), or names (comma-separated string or a sequence). Every name must exist
+    in ``available``."""
     if isinstance(spec, str):
         key = spec.strip()
+        if key in ("auto", ""):
+            key = default
         if key == "all":
+            if not available:
+                raise UserError("the dataset holds no sequences")
             return list(available)
         names = list(NAMED_LISTS[key]) if key in NAMED_LISTS else [s.strip() for s in key.split(",") if s.strip()]
     else:
+        key = None
         names = [str(s).strip() for s in spec]
     if not names:
         raise UserError("no sequences selected (data.sequences is empty)")
@@ -216,8 +228,9 @@ def resolve_sequences(spec, available: list[str]) -> list[str]:
     missing = [n for n in names if n not in have]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise UserError(f"unknown sequence name(s) {shown}: not in the dataset "
-                        f"({len(available)} sequences, e.g. {', '.join(available[:3]) or 'none'})")
+        listed = f" (data.sequences={key} lists them)" if key in NAMED_LISTS else ""
+        raise UserError(f"unknown sequence name(s) {shown}{listed}: not in the dataset ({len(available)} sequences, "
+                        f"e.g. {', '.join(available[:3]) or 'none'}); --config.data.sequences=all scores every one")
     return list(dict.fromkeys(names))
 
 
