@@ -4,6 +4,7 @@
     python bench/infer.py                 # tiny fixture U-Net + tiny VAE, 256-px output
     python bench/infer.py --full-compile  # + the full-size U-Net's window loop: lower + compile (no weights)
     python bench/infer.py --full-step     # + one real step of the full-size model (random weights, ~5 GB)
+    python bench/infer.py --skip-tiny --report-overhead   # cost of the per-step progress callback
 
 Prints one line per measurement. Not run by CI.
 """
@@ -54,6 +55,43 @@ def bench_tiny(args):
         print(f"tiny, {canvas} canvas: {per_step * 1e3:.1f} ms per denoising step (U-Net batch 4 x 16 frames), "
               f"about {per_video_50:.1f} s per {args.frames}-frame video at 50 steps", flush=True)
     print(f"peak RSS {peak_rss_gib():.2f} GiB")
+
+
+def bench_report_overhead(args):
+    """The window loop (tiny U-Net, 16 frames, square canvas at --size) compiled with and without the per-step
+    host callback that drives progress bars: warm seconds per step of each, best of --repeats."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax import nnx
+
+    from m3ddm_jax.diffusion.schedule import ScheduleConfig
+    from m3ddm_jax.interop.unet import load_unet
+    from m3ddm_jax.outpaint.sampler import Guidance, _denoiser, report_steps
+
+    unet = load_unet(TINY_UNET)
+    graphdef, state = nnx.split(unet)
+    h = w = args.size // 8
+    key = jax.random.key(0)
+    lat = jax.random.normal(key, (16, h, w, 4))
+    msk = jnp.ones((16, h, w, 1))
+    glob = jax.random.normal(key, (16, h, w, 4))
+    per_step = {}
+    for report in (False, True):
+        den = _denoiser(graphdef, "plms", args.steps_hi, Guidance(), ScheduleConfig(), report)
+        run = lambda: jax.block_until_ready(den(state, lat[None], lat, lat, msk, msk, glob, 24.0))  # noqa: E731
+        with report_steps(lambda i: None):
+            run()
+            best = float("inf")
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t)
+        per_step[report] = best / den.spec.num_calls
+    extra = per_step[True] - per_step[False]
+    print(f"progress callback: {per_step[False] * 1e3:.2f} ms/step without, {per_step[True] * 1e3:.2f} ms/step with "
+          f"-> {extra * 1e6:+.0f} us/step ({100 * extra / per_step[False]:+.2f}% of a tiny-model step at {args.size} px, "
+          f"{jax.default_backend()})")
 
 
 def bench_full(args):
@@ -118,9 +156,13 @@ def main():
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--full-compile", action="store_true")
     p.add_argument("--full-step", action="store_true")
+    p.add_argument("--report-overhead", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     if not args.skip_tiny:
         bench_tiny(args)
+    if args.report_overhead:
+        bench_report_overhead(args)
     if args.full_compile or args.full_step:
         bench_full(args)
 

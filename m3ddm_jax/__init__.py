@@ -1,34 +1,54 @@
 """m3ddm-jax: M3DDM / M3DDM+ video outpainting in JAX/Flax.
 
-The public face:
+The public face (every name below is a function or class; subpackages keep their own names)::
 
-* :func:`load_unet` - the M3DDM 3D U-Net from a converted Flax folder or a PyTorch release folder;
-* :func:`load_vae` - the SD-1.5 VAE from a converted Flax folder or a diffusers VAE folder;
-* :func:`outpaint` - a whole video (uint8 ``(N, H, W, 3)`` frames) to a wider/taller one;
-* :func:`load_models` - both models from a ``--weights`` value (local folder or Hugging Face repo id).
+    from m3ddm_jax import M3DDMPipeline, export_to_video
+
+    pipe = M3DDMPipeline.from_pretrained("weights")   # `python -m m3ddm_jax.download weights` made it
+    result = pipe("clip.mp4", ratio="16:9")
+    export_to_video(result, "clip_16-9.mp4")
+
+* :class:`M3DDMPipeline` - ``from_pretrained(weights)``, then call it on a video path, a Video or frames;
+* :func:`export_to_video` - write a result as MP4 (source frame rate and audio kept), :func:`load_video`;
+* :class:`Outpainter` / :class:`OutpaintConfig` / :class:`OutpaintResult` - the engine under the pipeline;
+* :func:`outpaint_video` - one-call form over frames; :func:`load_models`, :func:`load_unet`, :func:`load_vae`.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = ["load_unet", "load_vae", "load_models", "outpaint", "__version__"]
+_EXPORTS = {
+    "M3DDMPipeline": "m3ddm_jax.outpaint.pipeline",
+    "Outpainter": "m3ddm_jax.outpaint.pipeline",
+    "OutpaintConfig": "m3ddm_jax.outpaint.pipeline",
+    "OutpaintResult": "m3ddm_jax.outpaint.pipeline",
+    "Progress": "m3ddm_jax.outpaint.pipeline",
+    "outpaint_video": "m3ddm_jax.outpaint.pipeline",
+    "export_to_video": "m3ddm_jax.video",
+    "load_video": "m3ddm_jax.video",
+    "load_unet": "m3ddm_jax.interop.unet",
+    "load_vae": "m3ddm_jax.interop.vae",
+    "load_models": "m3ddm_jax.weights",
+}
+_ALIASES = {"load_video": "read_video"}
+_SUBPACKAGES = {"assets", "data", "diffusion", "interop", "metrics", "models", "outpaint", "train", "errors",
+                "masks", "video", "weights", "runtime", "cli_common", "download", "aot"}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):  # lazy: ``import m3ddm_jax`` stays cheap, submodules load on first use
-    if name == "load_unet":
-        from m3ddm_jax.interop.unet import load_unet
+def __getattr__(name):  # lazy: ``import m3ddm_jax`` stays cheap; names resolve on first use, then stick
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), _ALIASES.get(name, name))
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'm3ddm_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return load_unet
-    if name == "load_vae":
-        from m3ddm_jax.interop.vae import load_vae
 
-        return load_vae
-    if name == "load_models":
-        from m3ddm_jax.weights import load_models
-
-        return load_models
-    if name == "outpaint":
-        from m3ddm_jax.outpaint.pipeline import outpaint
-
-        return outpaint
-    raise AttributeError(f"module 'm3ddm_jax' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBPACKAGES)

@@ -196,3 +196,26 @@ def write_frames_png(folder: str | os.PathLike, frames: np.ndarray, prefix: str 
 
             shutil.rmtree(tmp)
     return folder
+
+
+def export_to_video(video, output_path: str | os.PathLike, fps: float | Fraction | None = None, *,
+                    audio_from: str | os.PathLike | None | bool = True, crf: int = 18, lossless: bool = False) -> Path:
+    """Write an outpainting result (or uint8 ``(F, H, W, 3)`` frames) as an H.264 MP4 (or an image for a
+    still-image path), like diffusers' ``export_to_video``: atomic, exact frame count and rate.
+
+    ``video``: an :class:`~m3ddm_jax.outpaint.pipeline.OutpaintResult` (its frame rate and its source's audio
+    are used), a :class:`Video`, or frames. ``fps`` overrides the rate (required for bare frames).
+    ``audio_from``: True = the result's source file when known, a path, or None/False for no audio.
+    Returns the written path.
+    """
+    frames = getattr(video, "frames", video)
+    source = getattr(video, "source", None) if hasattr(video, "source") else getattr(video, "path", None)
+    if fps is None:
+        fps = getattr(video, "fps_fraction", None) or getattr(video, "fps", None)
+        if fps is None:
+            raise ValueError("export_to_video needs fps for bare frames")
+    if audio_from is True:
+        audio_from = source
+    elif audio_from is False:
+        audio_from = None
+    return write_video(output_path, np.asarray(frames), fps, audio_from=audio_from, crf=crf, lossless=lossless)

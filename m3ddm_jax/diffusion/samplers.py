@@ -155,14 +155,23 @@ def make_sampler(name: str = "plms", num_steps: int = 50, cfg: ScheduleConfig = 
     raise ConfigError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
-def run_sampler(spec: SamplerSpec, eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """Run the whole loop under ``lax.fori_loop``: ``eps_fn(x, t) -> eps``. Returns the final sample."""
+def run_sampler(spec: SamplerSpec, eps_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+                on_step: Callable | None = None) -> jax.Array:
+    """Run the whole loop under ``lax.fori_loop``: ``eps_fn(x, t) -> eps``. Returns the final sample.
+
+    ``on_step(i, probe)``, if given, is called on the host (``jax.debug.callback``) after call ``i`` of the
+    U-Net finished: ``probe`` is one element of the new sample, a data dependency that makes the callback
+    wait for the step rather than fire when the loop starts it. The loop stays one compiled ``fori_loop``.
+    """
     ts = jnp.asarray(spec.loop_timesteps)
 
     def body(i, carry):
         x, state = carry
         eps = eps_fn(x, ts[i])
-        return spec.step(state, eps, i, x)
+        new = spec.step(state, eps, i, x)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, new[0].reshape(-1)[0])
+        return new
 
     x, _ = jax.lax.fori_loop(0, spec.num_calls, body, (x, spec.init(x)))
     return x

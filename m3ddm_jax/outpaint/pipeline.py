@@ -26,7 +26,7 @@ from m3ddm_jax.diffusion.schedule import ScheduleConfig
 from m3ddm_jax.errors import ConfigError
 from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.geometry import Geometry, make_geometry
-from m3ddm_jax.outpaint.sampler import Guidance, assemble_conditions, build_denoiser, start_latent
+from m3ddm_jax.outpaint.sampler import Guidance, assemble_conditions, build_denoiser, report_steps, start_latent
 from m3ddm_jax.outpaint.windows import WINDOW, global_frame_indices, plan_windows
 
 
@@ -66,10 +66,13 @@ class OutpaintResult:
     windows: int
     seconds: float
     copied: bool = False        # nothing to outpaint: the frames were copied (resized)
+    fps: float | None = None    # the input's frame rate (what the output is written at)
+    steps: int = 0              # denoising steps per window
+    source: object = None       # the input's path when known (its audio is kept by export_to_video)
 
     def summary(self) -> str:
         g = self.geometry
-        what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows"
+        what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows x {self.steps} steps"
         return (f"{self.frames.shape[0]} frames {g.src_w}x{g.src_h} -> {self.frames.shape[2]}x{self.frames.shape[1]}, "
                 f"{what}, {self.seconds:.1f} s")
 
@@ -100,6 +103,10 @@ class Outpainter:
 
     # -- one video -----------------------------------------------------------------------------------
     def __call__(self, frames: np.ndarray, fps: float, progress: bool | Callable = False) -> OutpaintResult:
+        """Outpaint uint8 ``frames (N, H, W, 3)``. ``progress``: False, True (a tqdm bar per denoising step
+        with an ETA, left on screen with the totals), or a callable ``progress(Progress)`` called after every
+        denoising step and window (a UI's hook; an exception raised from it stops the run at the end of the
+        current window and propagates)."""
         cfg = self.config
         t0 = time.perf_counter()
         frames = np.asarray(frames)
@@ -113,7 +120,7 @@ class Outpainter:
         small = cv.resize_frames(frames, (g.frame_h, g.frame_w))
         if g.nothing_to_outpaint:
             out = frames if cfg.full_res else self._crop_box(self._paste(small, g), g)
-            return OutpaintResult(np.ascontiguousarray(out), g, 0, time.perf_counter() - t0, copied=True)
+            return OutpaintResult(np.ascontiguousarray(out), g, 0, time.perf_counter() - t0, copied=True, fps=fps)
 
         key = jax.random.key(cfg.seed)
         k_global, k_eps0, k_windows = jax.random.split(key, 3)
@@ -136,36 +143,38 @@ class Outpainter:
         full = np.zeros((n_out, g.full_h, g.full_w, 3), np.uint8) if cfg.full_res else None
         black = np.full((1, g.canvas_h, g.canvas_w, 3), -1.0, np.float32)
 
-        bar = _progress(progress, len(windows), cfg.steps)
-        for wi, wdw in enumerate(windows):
-            idx = np.asarray(wdw.frames)
-            init_u8, masked_u8, _ = cv.build_canvases(small[idx], g)
-            kw = jax.random.fold_in(k_windows, wi)
-            enc = self.encode(np.concatenate([cv.to_model_range(init_u8), cv.to_model_range(masked_u8), black]), kw)
-            z_init, z_mask, z_black = enc[:WINDOW], enc[WINDOW:2 * WINDOW], enc[2 * WINDOW]
-            known = jnp.asarray(np.asarray(wdw.known))
-            cond, uncond, lmask, umask = assemble_conditions(z_mask, z_black, m_lat, latents[idx], known)
-            x = start_latent(z_init[None], eps0, self.denoiser.spec, self.schedule)
-            z0 = self.denoiser(self.unet_state, x, cond, uncond, lmask, umask, global_latents, wdw.fps_cond)[0]
-            # first occurrence wins (later slots of the same frame, e.g. padding, do not overwrite)
-            new = [j for j in range(WINDOW) if not has_latent[idx[j]] and idx[j] not in idx[:j]]
-            if new:
-                latents = latents.at[idx[new]].set(z0[np.asarray(new)])
-                has_latent[idx[new]] = True
-            emit = [j for j in range(WINDOW) if wdw.emit[j]]
-            if emit:
-                images = cv.to_uint8(self.decode(z0[np.asarray(emit)]))
-                comp = cv.composite(images, masked_u8[emit], mask)
-                for j, img in zip(emit, comp):
-                    if cfg.full_res:
-                        full[idx[j]] = self._full_res(img, frames[idx[j]], g)
-                    else:
-                        out[idx[j]] = self._crop_box(img[None], g)[0]
-            bar.window_done()
-        bar.close()
+        bar = ProgressReporter(progress, len(windows), self.denoiser.spec.num_calls, n_frames=min(n, cfg.limit or n))
+        with bar, report_steps(bar.step_done):
+            for wi, wdw in enumerate(windows):
+                bar.window_start(wi)
+                idx = np.asarray(wdw.frames)
+                init_u8, masked_u8, _ = cv.build_canvases(small[idx], g)
+                kw = jax.random.fold_in(k_windows, wi)
+                enc = self.encode(np.concatenate([cv.to_model_range(init_u8), cv.to_model_range(masked_u8), black]), kw)
+                z_init, z_mask, z_black = enc[:WINDOW], enc[WINDOW:2 * WINDOW], enc[2 * WINDOW]
+                known = jnp.asarray(np.asarray(wdw.known))
+                cond, uncond, lmask, umask = assemble_conditions(z_mask, z_black, m_lat, latents[idx], known)
+                x = start_latent(z_init[None], eps0, self.denoiser.spec, self.schedule)
+                z0 = self.denoiser(self.unet_state, x, cond, uncond, lmask, umask, global_latents, wdw.fps_cond)[0]
+                # first occurrence wins (later slots of the same frame, e.g. padding, do not overwrite)
+                new = [j for j in range(WINDOW) if not has_latent[idx[j]] and idx[j] not in idx[:j]]
+                if new:
+                    latents = latents.at[idx[new]].set(z0[np.asarray(new)])
+                    has_latent[idx[new]] = True
+                emit = [j for j in range(WINDOW) if wdw.emit[j]]
+                if emit:
+                    images = cv.to_uint8(self.decode(z0[np.asarray(emit)]))
+                    comp = cv.composite(images, masked_u8[emit], mask)
+                    for j, img in zip(emit, comp):
+                        if cfg.full_res:
+                            full[idx[j]] = self._full_res(img, frames[idx[j]], g)
+                        else:
+                            out[idx[j]] = self._crop_box(img[None], g)[0]
+                jax.block_until_ready(z0)  # every step of this window has reported
+                bar.window_done(wi)
         n_keep = min(n, cfg.limit) if cfg.limit else n
         result = (full if cfg.full_res else out)[:n_keep]
-        return OutpaintResult(result, g, len(windows), time.perf_counter() - t0)
+        return OutpaintResult(result, g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
 
     # -- output helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -196,28 +205,155 @@ class Outpainter:
         return big
 
 
-class _progress:
-    """tqdm bars over windows (and denoising steps, counted per window)."""
+@dataclasses.dataclass
+class Progress:
+    """Where a run is: passed to a ``progress`` callable after every denoising step and window."""
 
-    def __init__(self, enabled, n_windows: int, steps: int):
+    step: int = 0               # denoising calls done, over all windows
+    total_steps: int = 0
+    window: int = 0             # index of the current window
+    windows: int = 0
+    elapsed: float = 0.0        # seconds since the first step started (compile time excluded)
+    eta: float | None = None    # seconds left, from the mean step time so far
+    frames: int = 0             # frames of the output
+
+
+class ProgressReporter:
+    """Counts denoising steps (reported from inside the compiled loop) and windows; drives a tqdm bar
+    (``enabled=True``) or a user callable. The bar stays on screen when done: frames, windows, steps, seconds."""
+
+    def __init__(self, enabled: bool | Callable, n_windows: int, calls_per_window: int, n_frames: int = 0):
+        self.callback = enabled if callable(enabled) else None
+        self.state = Progress(total_steps=n_windows * calls_per_window, windows=n_windows, frames=n_frames)
         self.bar = None
-        if enabled:
+        self._t_first = None
+        self._error: BaseException | None = None
+        if enabled is True:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
-            self.bar = tqdm(total=n_windows, unit="window", desc=f"outpainting ({steps} steps/window)", leave=False)
+            self.bar = tqdm(total=self.state.total_steps, unit="step", leave=True, dynamic_ncols=True,
+                            desc=f"{n_frames} frames, {n_windows} windows: compiling")
 
-    def window_done(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            if exc[0] is None:
+                st = self.state
+                self.bar.set_description_str(f"{st.frames} frames, {st.windows} windows x "
+                                             f"{st.total_steps // max(st.windows, 1)} steps")
+            self.bar.close()
+        return False
+
+    def window_start(self, wi: int) -> None:
+        self.state.window = wi
+        if self.bar is not None and self._t_first is not None:
+            self.bar.set_description_str(f"{self.state.frames} frames, window {wi + 1}/{self.state.windows}")
+
+    def step_done(self, _i: int) -> None:
+        """Called on the host by the compiled loop (see :func:`m3ddm_jax.outpaint.sampler.report_steps`)."""
+        now = time.perf_counter()
+        st = self.state
+        if self._t_first is None:
+            self._t_first = now  # the first step's end: compile time is behind us
+            st.elapsed = 0.0
+            if self.bar is not None:
+                self.bar.set_description_str(f"{st.frames} frames, window {st.window + 1}/{st.windows}")
+                self.bar.reset(total=st.total_steps)
+                self.bar.update(st.step)
+        st.step += 1
+        st.elapsed = now - self._t_first
+        done_timed = st.step - 1
+        st.eta = (st.total_steps - st.step) * st.elapsed / done_timed if done_timed > 0 else None
         if self.bar is not None:
             self.bar.update(1)
+        if self.callback is not None and self._error is None:
+            try:
+                self.callback(dataclasses.replace(st))
+            except BaseException as e:  # noqa: BLE001  raised again at the window's end, outside the compiled loop
+                self._error = e
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    def window_done(self, wi: int) -> None:
+        self.state.window = wi + 1
+        if self._error is not None:
+            raise self._error
+        if self.callback is not None:
+            self.callback(dataclasses.replace(self.state))
 
 
-def outpaint(frames: np.ndarray, fps: float = 30.0, *, weights=None, unet=None, vae=None, progress: bool = False,
-             **config) -> OutpaintResult:
-    """Outpaint uint8 RGB ``frames (N, H, W, 3)``. Models come from ``unet``/``vae`` or ``weights``
+class M3DDMPipeline:
+    """The M3DDM+ outpainting pipeline, in the shape diffusers users know::
+
+        pipe = M3DDMPipeline.from_pretrained("weights")     # folder from `python -m m3ddm_jax.download weights`
+        result = pipe("clip.mp4", ratio="16:9")             # a path, a Video, or uint8 frames (+ fps)
+        export_to_video(result, "clip_16-9.mp4")            # frame rate and audio of the source kept
+
+    Models are loaded once; each distinct setting gets an :class:`Outpainter` whose compiled loop is shared
+    (one compile per canvas shape and setting), so calling the pipeline again is cheap.
+    """
+
+    def __init__(self, unet, vae):
+        self.unet = unet
+        self.vae = vae
+        self._outpainters: dict[OutpaintConfig, Outpainter] = {}
+
+    @classmethod
+    def from_pretrained(cls, weights=None, *, vae=None, dtype="float32", **unet_options) -> "M3DDMPipeline":
+        """``weights``: a folder with ``unet/`` and ``vae/`` (``python -m m3ddm_jax.download DIR``), a U-Net
+        folder, a Hugging Face repo id, ``"m3ddm+"`` (default) / ``"m3ddm"``, or ``"tiny"`` (the random tiny
+        models that ship for tests). ``dtype``: compute dtype name or jnp dtype."""
+        from m3ddm_jax.weights import load_models  # noqa: PLC0415
+
+        if isinstance(dtype, str):
+            names = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+            if dtype not in names:
+                raise ConfigError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+            dtype = names[dtype]
+        unet, vae_model = load_models(weights, vae, dtype=dtype, **unet_options)
+        return cls(unet, vae_model)
+
+    def outpainter(self, **config) -> Outpainter:
+        """The (cached) :class:`Outpainter` for :class:`OutpaintConfig` fields ``config``."""
+        cfg = OutpaintConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        if cfg not in self._outpainters:
+            self._outpainters[cfg] = Outpainter(self.unet, self.vae, cfg)
+        return self._outpainters[cfg]
+
+    def __call__(self, video, fps: float | None = None, *, ratio: str | None = "16:9", pad=None,
+                 num_inference_steps: int = 50, progress: bool | Callable = True, **config) -> OutpaintResult:
+        """Outpaint ``video``: a file path (video or image), a :class:`~m3ddm_jax.video.Video`, or uint8
+        frames ``(N, H, W, 3)`` with ``fps``. Keyword options are :class:`OutpaintConfig` fields
+        (``output_size``, ``seed``, ``guidance_scale``, ``global_guidance_scale``, ``strides``, ``canvas``,
+        ``full_res``, ``limit``, ...); ``pad=(left, right, top, bottom)`` replaces ``ratio``."""
+        import os  # noqa: PLC0415
+
+        from m3ddm_jax.video import Video, read_video  # noqa: PLC0415
+
+        source = None
+        if isinstance(video, (str, os.PathLike)):
+            video = read_video(video)
+        if isinstance(video, Video):
+            source = None if video.is_image else video.path
+            fps = fps if fps is not None else (video.fps_fraction or video.fps)
+            frames = video.frames
+        else:
+            frames = video
+            if fps is None:
+                raise ConfigError("fps is required when passing frames")
+        if pad is not None:
+            ratio = None
+        op = self.outpainter(ratio=ratio, pad=tuple(pad) if pad is not None else None, steps=num_inference_steps,
+                             **config)
+        result = op(frames, float(fps), progress=progress)
+        result.fps = fps
+        result.source = source
+        return result
+
+
+def outpaint_video(frames: np.ndarray, fps: float = 30.0, *, weights=None, unet=None, vae=None, progress: bool = False,
+                   **config) -> OutpaintResult:
+    """Outpaint uint8 RGB ``frames (N, H, W, 3)`` in one call. Models come from ``unet``/``vae`` or ``weights``
     (see :func:`m3ddm_jax.weights.resolve_weights`); ``config`` are :class:`OutpaintConfig` fields."""
     if unet is None or vae is None:
         from m3ddm_jax.weights import load_models  # noqa: PLC0415

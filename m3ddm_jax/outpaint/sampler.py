@@ -24,8 +24,11 @@ Spec sections 4.3-4.4 and 5.3. For one window of ``F`` frames on an ``H x W`` ca
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,13 +97,43 @@ def combine(eps: jax.Array, guidance: Guidance) -> jax.Array:
     return eps
 
 
-class Denoiser:
-    """The jitted denoising loop of one window: ``(unet_state, x_start, conditions, global latents, fps) -> z0``."""
+# -- step progress: the compiled loop reports each finished U-Net call to whatever sink is current ------------
 
-    def __init__(self, unet_graphdef: nnx.GraphDef, spec: SamplerSpec, guidance: Guidance = Guidance()):
+_step_sink: Callable[[int], None] | None = None
+_step_sink_lock = threading.Lock()
+
+
+def _on_step(i, _probe) -> None:
+    sink = _step_sink
+    if sink is not None:
+        sink(int(i))
+
+
+@contextlib.contextmanager
+def report_steps(sink: Callable[[int], None] | None):
+    """Within the block, every finished denoising call of any :class:`Denoiser` calls ``sink(i)`` on the host
+    (``i``: the call's index in its window's loop). One sink at a time per process: blocks are serialised."""
+    global _step_sink
+    with _step_sink_lock:
+        _step_sink = sink
+        try:
+            yield
+        finally:
+            _step_sink = None
+
+
+class Denoiser:
+    """The jitted denoising loop of one window: ``(unet_state, x_start, conditions, global latents, fps) -> z0``.
+
+    With ``report=True`` (default) the loop calls the host after every step (:func:`report_steps`); the cost
+    is one tiny device-to-host transfer per step (measured in tests/test_api.py and bench/infer.py)."""
+
+    def __init__(self, unet_graphdef: nnx.GraphDef, spec: SamplerSpec, guidance: Guidance = Guidance(),
+                 report: bool = True):
         self.graphdef = unet_graphdef
         self.spec = spec
         self.guidance = guidance
+        self.report = report
         self.trace_count = 0
         self._jit = jax.jit(self._denoise, donate_argnums=(1,))
 
@@ -114,7 +147,7 @@ class Denoiser:
             out = model(rows, t, global_latents, fps, guidance=g.unet_guidance)
             return combine(out, g).astype(x.dtype)
 
-        return run_sampler(self.spec, eps_fn, x_start)
+        return run_sampler(self.spec, eps_fn, x_start, on_step=_on_step if self.report else None)
 
     def __call__(self, unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
         return self._jit(unet_state, x_start, cond, uncond, mask, umask, global_latents, jnp.asarray(fps, jnp.float32))
@@ -137,19 +170,21 @@ def start_latent(z_init: jax.Array, eps0: jax.Array, spec: SamplerSpec, cfg: Sch
 
 
 @functools.lru_cache(maxsize=16)
-def _denoiser(graphdef: nnx.GraphDef, sampler: str, steps: int, guidance: Guidance, schedule: ScheduleConfig) -> Denoiser:
-    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance)
+def _denoiser(graphdef: nnx.GraphDef, sampler: str, steps: int, guidance: Guidance, schedule: ScheduleConfig,
+              report: bool = True) -> Denoiser:
+    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance, report)
 
 
 def build_denoiser(unet, sampler: str = "plms", steps: int = 50, guidance: Guidance = Guidance(),
-                   schedule: ScheduleConfig = ScheduleConfig()) -> tuple[Denoiser, nnx.State]:
+                   schedule: ScheduleConfig = ScheduleConfig(), report: bool = True) -> tuple[Denoiser, nnx.State]:
     """Split the U-Net once and get its :class:`Denoiser`; returns ``(denoiser, unet_state)``.
 
     Denoisers are cached by (model structure, sampler, steps, guidance, schedule), so every
     :class:`~m3ddm_jax.outpaint.pipeline.Outpainter` over the same model shares one compiled loop per shape.
     """
     graphdef, state = nnx.split(unet)
-    return _denoiser(graphdef, sampler, steps, guidance, schedule), state
+    return _denoiser(graphdef, sampler, steps, guidance, schedule, report), state
 
 
-__all__ = ["Guidance", "assemble_conditions", "unet_rows", "combine", "Denoiser", "start_latent", "build_denoiser", "np"]
+__all__ = ["Guidance", "assemble_conditions", "unet_rows", "combine", "Denoiser", "report_steps", "start_latent",
+           "build_denoiser", "np"]
