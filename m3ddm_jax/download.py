@@ -191,13 +191,16 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         dest = download(args.dir, args.model, args.vae, args.only, args.dtype, args.overwrite)
-        parts = [f"{s}/ {human_size(_size(dest / s))}" for s in ("unet", "vae") if (dest / s).is_dir()]
-        print(f"wrote {dest}: {', '.join(parts)} ({human_size(_size(dest))} in all, Flax) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        pieces = ("unet", "vae") if args.only is None else (args.only,)
+        repos = {"unet": W.KNOWN.get(args.model.lower(), args.model), "vae": args.vae or W.DEFAULT_VAE_REPO}
+        sizes = {s: _size(dest / s) for s in pieces}
         shown = shlex.quote(str(dest))
         if str(dest).lower() in (*W.KNOWN, W.TINY):  # a bare alias would name the release, not the folder
             shown = f"./{shown}"
-        print(f"use it: python infer.py INPUT --ratio 16:9 {'--vae' if args.only == 'vae' else '--weights'} {shown}")
+        parts = " + ".join(f"{s}/ {human_size(sizes[s])} ({repos[s]})" for s in pieces)
+        total = f" = {human_size(sum(sizes.values()))}" if len(pieces) > 1 else ""
+        print(f"wrote {dest}: {parts}{total}, converted to Flax, in {time.perf_counter() - t0:.0f} s; use it: "
+              f"python infer.py INPUT --ratio 16:9 {'--vae' if args.only == 'vae' else '--weights'} {shown}", flush=True)
         return 0
 
     return run_main(PROG, run)

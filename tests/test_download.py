@@ -110,11 +110,17 @@ def test_download_end_to_end_with_mocked_hub(hub, tmp_path, capsys):
     assert {n for _, n in hub.fetched} == {"config.json", ST, "vae/config.json", f"vae/{ST}"}  # nothing else
     assert "fetching the U-Net MurakawaTakuya/M3DDM-Plus" in err and "converting the VAE to Flax" in err
     lines = out.strip().splitlines()
-    assert re.match(rf"wrote {re.escape(str(dest))}: unet/ [\d.]+ MB, vae/ [\d.]+ KB \([\d.]+ MB in all, Flax\)", lines[0]), lines
-    assert lines[1] == f"use it: python infer.py INPUT --ratio 16:9 --weights {dest}"
+    assert len(lines) == 1 and re.fullmatch(
+        rf"wrote {re.escape(str(dest))}: unet/ [\d.]+ MB \(MurakawaTakuya/M3DDM-Plus\) \+ vae/ [\d.]+ KB "
+        rf"\(stable-diffusion-v1-5/stable-diffusion-v1-5\) = [\d.]+ MB, converted to Flax, in \d+ s; "
+        rf"use it: python infer.py INPUT --ratio 16:9 --weights {re.escape(str(dest))}", lines[0]), lines
     assert not _tmp_leftovers(tmp_path)
 
     _same_models(m3ddm_jax.load_models(dest), m3ddm_jax.load_models(TINY_UNET, TINY_VAE))
+    from m3ddm_jax.interop.unet import load_unet_flat
+
+    (_, a), (_, b) = load_unet_flat(dest / "unet"), load_unet_flat(TINY_UNET)  # as stored, no cast on loading
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
     assert W.resolve_weights(dest) == (dest / "unet", dest / "vae")
 
     # the original M3DDM release keeps its U-Net under unet/; --dtype casts while converting
