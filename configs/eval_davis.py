@@ -15,9 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
     # folder (runs/eval/DAVIS, or runs/eval/<name of the video folder>); runs/ is git-ignored in the m3ddm-jax
     # checkout. A rerun into the same folder resumes (videos already scored are skipped).
     c.output_dir = ""
-    # models: as infer.py --weights ("" = the M3DDM+ release; "m3ddm" / "m3ddm+"; a folder; a hub id)
+    # models: as infer.py --weights ("" = the M3DDM+ release; "m3ddm" / "m3ddm+"; a folder with unet/ and vae/ as
+    # `python -m m3ddm_jax.download DIR` writes it; a U-Net folder; a hub id; "tiny" = the tiny random test model
+    # shipped in the package: its output is noise, for smoke runs and tests only)
     c.weights = ""
-    c.vae = ""                      # VAE folder or hub id ("" = weights/vae or SD-1.5's VAE)
+    c.vae = ""                      # VAE folder, a folder holding vae/, or hub id ("" = weights/vae or SD-1.5's VAE)
     c.compare = ""                  # more weight sets, comma-separated: extra rows in the same table
     c.model_names = ""              # names in the table, comma-separated (default: derived from weights)
     # inference (spec section 7.2: seed 6, strides 5,3,1, whole videos as the paper)
