@@ -171,7 +171,9 @@ def main(argv=None) -> int:
     p = OneLineParser(prog=PROG, description="Fetch the M3DDM/M3DDM+ U-Net and the SD-1.5 VAE from the Hugging Face "
                                                "hub and convert both to Flax into one folder.",
                       epilog="Layout written: DIR/unet and DIR/vae (converted Flax folders: config.json + "
-                             "flax_model.safetensors), exactly what `infer.py --weights DIR` takes.")
+                             "flax_model.safetensors), exactly what `infer.py --weights DIR` takes. Files already in "
+                             "the Hugging Face cache are not fetched again (offline too); HF_ENDPOINT selects a mirror, "
+                             "HF_TOKEN a token.")
     p.add_argument("dir", metavar="DIR", help="output folder (created; must be new or empty unless --overwrite)")
     p.add_argument("--model", default="m3ddm+",
                    help="U-Net release: m3ddm+ (MurakawaTakuya/M3DDM-Plus, default), m3ddm "
