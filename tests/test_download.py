@@ -133,6 +133,7 @@ def test_download_end_to_end_with_mocked_hub(hub, tmp_path, capsys):
     # offline afterwards: the local hub cache is enough, nothing is fetched again
     hub.online, n = False, len(hub.fetched)
     assert D.main([str(tmp_path / "again")]) == 0
+    assert D.main([str(tmp_path / "again_m3ddm"), "--model", "m3ddm", "--only", "unet"]) == 0  # found under unet/
     assert len(hub.fetched) == n
     _same_models(m3ddm_jax.load_models(tmp_path / "again"), m3ddm_jax.load_models(dest))
 
