@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from m3ddm_jax.errors import CheckpointError
+from m3ddm_jax.errors import CheckpointError, UserError
 from m3ddm_jax.interop.keymap import path_to_str, str_to_path
 
 FLAX_WEIGHTS = "flax_model.safetensors"
@@ -50,32 +48,62 @@ def read_config(folder: str | os.PathLike) -> dict:
 
 
 def save_flax_folder(folder: str | os.PathLike, kind: str, config: Mapping, flat: Mapping[tuple, np.ndarray]) -> Path:
-    """Write ``config.json`` + ``flax_model.safetensors`` atomically (temp folder, then rename)."""
+    """Write ``config.json`` + ``flax_model.safetensors`` atomically.
+
+    A new folder is written under a temporary dot-name and renamed; into an existing folder, each of the two
+    files replaces its namesake atomically (weights first, config last) and nothing else in the folder is
+    touched. A failure (a full disk included) leaves no partial file; write errors are one-line
+    :class:`CheckpointError` messages. Files and folders get the user's umask.
+    """
     from safetensors.numpy import save_file  # noqa: PLC0415
 
+    from m3ddm_jax.atomic import WriteError, atomic_file, default_mode, new_dir, reason, remove  # noqa: PLC0415
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} exists and is not a folder")
     cfg = {k: v for k, v in dict(config).items() if k != "_m3ddm_jax"}
     cfg["_m3ddm_jax"] = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "kind": kind}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    arrays = {path_to_str(p): np.require(np.asarray(a), requirements="C") for p, a in flat.items()}  # keeps 0-d arrays 0-d
+
+    def write_weights(path: Path) -> None:
+        try:
+            save_file(arrays, str(path))
+        except Exception as e:  # safetensors raises its own error type on a full disk
+            raise OSError(reason(e)) if not isinstance(e, OSError) else e
+
     try:
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file({path_to_str(p): np.require(np.asarray(a), requirements="C") for p, a in flat.items()}, str(tmp / FLAX_WEIGHTS))  # keeps 0-d arrays 0-d
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(folder, old)
+        if folder.is_dir():
+            with atomic_file(folder / FLAX_WEIGHTS) as tmp:
+                write_weights(tmp)
+            with atomic_file(folder / CONFIG) as tmp:
+                tmp.write_text(text)
+            return folder
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create {folder.parent}: {reason(e)}") from e
+        tmp = new_dir(folder)
+        try:
+            (tmp / CONFIG).write_text(text)
+            write_weights(tmp / FLAX_WEIGHTS)
+            for f in (tmp / CONFIG, tmp / FLAX_WEIGHTS):
+                default_mode(f)
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        except OSError as e:
+            raise WriteError(folder, reason(e)) from e
+        finally:
+            remove(tmp)
+    except CheckpointError:
+        raise
+    except UserError as e:
+        raise WriteError(folder, str(e)) from e
     return folder
 
 

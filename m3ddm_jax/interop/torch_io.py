@@ -75,16 +75,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a state dict; ``.safetensors`` needs no torch, ``.bin`` is a ``torch.save`` zip pickle.
 
-    The file is written to a temporary name and renamed, so a failed write leaves nothing behind.
+    The file is written to a temporary dot-name in the same folder and renamed over ``path`` when complete, so
+    a failed write (a full disk included) leaves ``path`` as it was and no partial file; a write error is a
+    one-line :class:`CheckpointError`.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix not in (".safetensors", ".bin"):
+        raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path}")
+    from m3ddm_jax.atomic import WriteError, default_mode, fsync_path, new_file, reason, remove  # noqa: PLC0415
+
+    tmp = new_file(path)  # .<name>.partial-<pid>-<random><suffix>, mode 0o666 minus the umask
     try:
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file  # noqa: PLC0415
 
             save_file({k: np.require(np.asarray(v), requirements="C") for k, v in sd.items()}, str(tmp))  # keeps 0-d arrays 0-d
-        elif path.suffix == ".bin":
+        else:
             torch = _import_torch()
             from collections import OrderedDict  # noqa: PLC0415
 
@@ -94,10 +100,14 @@ def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None
                     return torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
                 return torch.from_numpy(v)
 
-            torch.save(OrderedDict((k, to_tensor(v)) for k, v in sd.items()), str(tmp))
-        else:
-            raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path}")
+            with open(tmp, "wb") as f:  # a Python file: a full disk surfaces as its OSError, not only torch's message
+                torch.save(OrderedDict((k, to_tensor(v)) for k, v in sd.items()), f)
+        default_mode(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a full disk, a read-only folder: safetensors / torch raise their own types
+        raise WriteError(path, reason(e)) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove(tmp)
