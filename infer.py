@@ -17,6 +17,7 @@ from m3ddm_jax.runtime import tune_malloc
 
 tune_malloc()  # see m3ddm_jax/runtime.py: XLA CPU buffers without mmap page-fault storms
 from m3ddm_jax.errors import UserError
+from m3ddm_jax.weights import WEIGHTS_HELP
 
 
 def build_parser() -> OneLineParser:
@@ -31,9 +32,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--output", "-o", default=None,
                    help="output file (.mp4, or .png/.jpg for an image); with several ratios a _W-H suffix is added. "
                         "Default: <input stem>_<W>-<H>.mp4 in the current folder")
-    p.add_argument("--weights", default=None,
-                   help="folder with unet/ and vae/ (Flax or PyTorch layout), a U-Net folder, a Hugging Face repo id, "
-                        "or 'm3ddm' / 'm3ddm+' (default: M3DDM+ release MurakawaTakuya/M3DDM-Plus)")
+    p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--vae", default=None, help="VAE folder or hub id (default: stable-diffusion-v1-5 vae, or weights/vae)")
     p.add_argument("--seed", type=int, default=6, help="seed for every random draw (default 6, as the reference)")
     p.add_argument("--output-size", type=int, default=256, help="long side of the output in pixels (default 256)")
