@@ -16,13 +16,22 @@ Sequences (``data.sequences``, default ``auto``): the paper's 50 DAVIS-2016 sequ
 (a DAVIS folder or TFDS), every video for a folder of videos; or ``all``, a named list, or names.
 
 Output folder (``output_dir``; default ``runs/eval/<dataset>`` under the current folder, e.g. ``runs/eval/DAVIS``
-or ``runs/eval/<your video folder's name>``; ``runs/`` is git-ignored in this checkout): ``per_video.jsonl`` (one row per video, rewritten atomically after each video) and
-``per_video.csv``, ``summary.md`` (the paper's layout) and ``summary.json``, ``features/`` (I3D clip
-embeddings, so FVD over the whole set survives a resume), ``videos/`` with ``save_videos``. A rerun skips
-every video already scored with the same settings. Bad input gives one line on stderr and exit code 1.
+or ``runs/eval/<your video folder's name>``; ``runs/`` is git-ignored in this checkout): ``per_video.jsonl`` (one
+row per video, rewritten atomically after each video), ``timings.jsonl`` (seconds per video, kept apart so that
+the tables do not depend on how the run went), ``per_video.csv`` (fixed columns, table order), ``summary.md``
+(the paper's layout) and ``summary.json``, ``features/`` (I3D clip embeddings, so FVD over the whole set
+survives a resume), ``videos/<signature>/<model>/<dataset>_<ratio>/<sequence>.mp4`` with ``save_videos``
+(``<sequence>.lossless.mp4`` with ``lossless_videos``: lossless RGB copies of the model's output that re-score
+to the same numbers), ``.digests.json`` (cached content hashes of the weight files).
+
+Resume: a rerun skips every video already scored with the same settings signature (protocol, sampler
+settings, data.fps, metric weight files by content) and the same model (U-Net and VAE files by content), and
+scores anew whatever changed. A run killed at any moment, rerun, writes the same tables as an uninterrupted
+run. Bad input gives one line on stderr and exit code 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -43,6 +52,7 @@ from m3ddm_jax.metrics.report import (DATASET_LABELS, Model, Settings, Store, sh
                                       save_npy_atomic, write_reports)
 
 PROG = "eval.py"
+DIGEST_CACHE = ".digests.json"  # sha256 of the weight files, per path + size + mtime: reruns do not rehash GBs
 DEFAULT_OUTPUT_ROOT = Path("runs") / "eval"  # relative to the current folder; runs/ is git-ignored in the checkout
 REPO = Path(__file__).resolve().parent
 _CONFIG = None  # the --config flag, defined when run as a script (so importing this file defines no flags)
@@ -145,6 +155,9 @@ class Evaluator:
         self._i3d = None
         self._lpips_files = None
         self._i3d_file = None
+        self.outpaint_config = settings.outpaint_config()
+        self.lossless = bool(cfg.lossless_videos)
+        self.save_videos = bool(cfg.save_videos) or self.lossless
 
     # checks that need no compute -------------------------------------------------------------------
     def check_geometry(self) -> None:
@@ -161,21 +174,6 @@ class Evaluator:
                     f"target {self.s.target_ratio} at output size {self.s.output_size}: the model's {g.out_w}x{g.out_h} output "
                     f"does not line up with the {tw}x{th} ground truth for mask ratio {r:g}; use a ratio/size whose box "
                     f"sides are multiples of 8 (e.g. 16:9 at 256, 4:3 at 64)")
-
-    def resolve_weights(self, work) -> None:
-        """Find (or fetch) every weights file the pending work needs, before any compute."""
-        from m3ddm_jax.metrics.fvd import resolve_i3d_file  # noqa: PLC0415
-        from m3ddm_jax.metrics.lpips import resolve_lpips_files  # noqa: PLC0415
-        from m3ddm_jax.weights import resolve_weights  # noqa: PLC0415
-
-        for model in dict.fromkeys(item[3] for item in work):
-            self._model_folders[model.name] = resolve_weights(model.spec or None, self.cfg.vae or None,
-                                                              weights_flag="--config.weights", vae_flag="--config.vae")
-        m = self.cfg.metrics
-        if self.s.lpips:
-            self._lpips_files = resolve_lpips_files(self.s.lpips, m.lpips_trunk or None, m.lpips_heads or None)
-        if self.s.fvd:
-            self._i3d_file = resolve_i3d_file(m.fvd_weights or None)
 
     # lazily built compute ----------------------------------------------------------------------------
     def scorer(self):
@@ -205,21 +203,28 @@ class Evaluator:
         if model.name not in self._outpainters:
             import jax.numpy as jnp  # noqa: PLC0415
 
-            from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter  # noqa: PLC0415
+            from m3ddm_jax.outpaint.pipeline import Outpainter  # noqa: PLC0415
             from m3ddm_jax.weights import load_models  # noqa: PLC0415
 
             dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[self.s.dtype]
             unet_folder, vae_folder = self._model_folders[model.name]
             unet, vae = load_models(unet_folder, vae_folder, dtype=dtype)
-            self._outpainters[model.name] = Outpainter(unet, vae, OutpaintConfig(
-                ratio=self.s.target_ratio, output_size=self.s.output_size, canvas=self.s.canvas, strides=self.s.strides,
-                limit=self.s.limit, steps=self.s.steps, seed=self.s.seed))
+            self._outpainters[model.name] = Outpainter(unet, vae, self.outpaint_config)
         return self._outpainters[model.name]
 
     # the loop ------------------------------------------------------------------------------------------
     def pending(self, sequences: list[str]) -> list[tuple[str, str, float, Model]]:
+        """What is left to score, in scoring order (sequence, dataset, ratio, model): rows missing, rows whose
+        FVD features are missing, and with ``save_videos`` rows whose video is missing (scored anew: the same
+        numbers, since every video is generated from the same seed)."""
         return [(seq, ds, r, m) for seq in sequences for ds in self.s.datasets for r in self.s.ratios for m in self.models
-                if not self.store.has(Store.row_id(self.sig, m, ds, r, seq))]
+                if not self.store.has(Store.row_id(self.sig, m, ds, r, seq))
+                or (self.save_videos and not self.video_path(m, ds, r, seq).is_file())]
+
+    def video_path(self, model: Model, ds: str, r: float, seq: str) -> Path:
+        name = "".join(ch if ch.isalnum() or ch in "-_.+ ()" else "_" for ch in model.name).strip() or "model"
+        return (self.store.dir / "videos" / self.sig / name / f"{ds}_{r:g}"
+                / f"{seq}{'.lossless' if self.lossless else ''}.mp4")
 
     def gt_features(self, dataset: str, seq: str, gt, n: int) -> str | None:
         if self.i3d() is None:
@@ -277,25 +282,24 @@ class Evaluator:
                             fvd_file = f"gen_{short_hash(rid)}.npy"
                             save_npy_atomic(self.store.feature_path(fvd_file), feats)
                         row = {"id": rid, "signature": self.sig, "protocol": self.protocol.name, "model": model.name,
-                               "weights": model.spec, "dataset": ds, "mask_ratio": r, "axis": self.s.axis,
-                               "sequence": seq, "frames": int(n), "fvd_clips": n_clips, "fvd_file": fvd_file,
-                               "gt_fvd_file": gt_file, "seconds_generate": round(t1 - t0, 3),
-                               "seconds_score": round(time.perf_counter() - t1, 3)}
+                               "weights": model.spec, "model_id": model.identity, "dataset": ds, "mask_ratio": r,
+                               "axis": self.s.axis, "sequence": seq, "frames": int(n), "fps": float(fps),
+                               "fvd_clips": n_clips, "fvd_file": fvd_file, "gt_fvd_file": gt_file}
                         row.update({k: float(np.mean(v)) for k, v in per_frame.items()})
-                        if self.cfg.save_videos:
-                            self.save_video(model, ds, r, seq, gen[:n], fps)
-                        self.store.add(row)
+                        if self.save_videos:  # the model's output, before the protocol's JPEG of generated frames
+                            self.save_video(self.video_path(model, ds, r, seq), res.frames[:n], fps)
+                        self.store.add(row, {"seconds_generate": round(t1 - t0, 3),
+                                             "seconds_score": round(time.perf_counter() - t1, 3)})
                         done += 1
                         bar.update(1)
         bar.close()
         return done
 
-    def save_video(self, model: Model, ds: str, r: float, seq: str, frames, fps: float) -> None:
+    def save_video(self, path: Path, frames, fps: float) -> None:
         from m3ddm_jax.video import write_video  # noqa: PLC0415
 
-        folder = self.store.dir / "videos" / model.name.replace("/", "_") / f"{ds}_{r:g}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_video(folder / f"{seq}.mp4", frames, fps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(path, frames, fps, lossless=self.lossless)  # atomic: a temporary name, then a rename
 
 
 # -- entry point -----------------------------------------------------------------------------------------------
@@ -310,10 +314,55 @@ def output_dir(spec: str, label: str) -> Path:
     return DEFAULT_OUTPUT_ROOT / name
 
 
-def evaluate(cfg) -> int:
-    from m3ddm_jax.data.davis import open_source, resolve_sequences  # noqa: PLC0415
+def identify(cfg, settings: Settings, models: list[Model], source, digests) -> tuple[Settings, list[Model], dict, tuple]:
+    """Resolve every weights file (or fetch it, before any compute) and fold the content hashes into the
+    settings (metric weights, data.fps of a DAVIS source) and the models (U-Net and VAE).
 
-    t0 = time.perf_counter()
+    Returns ``(settings, models, {model name: (unet folder, vae folder)}, (lpips files or None, i3d file or None))``."""
+    from m3ddm_jax.metrics.fvd import resolve_i3d_file  # noqa: PLC0415
+    from m3ddm_jax.metrics.lpips import resolve_lpips_files  # noqa: PLC0415
+    from m3ddm_jax.metrics.report import model_identity  # noqa: PLC0415
+    from m3ddm_jax.weights import resolve_weights  # noqa: PLC0415
+
+    folders, out_models = {}, []
+    for model in models:
+        folders[model.name] = resolve_weights(model.spec or None, cfg.vae or None,
+                                              weights_flag="--config.weights", vae_flag="--config.vae")
+        unet_folder, vae_folder = folders[model.name]
+        out_models.append(dataclasses.replace(model, identity=model_identity(digests.folder(unet_folder),
+                                                                             digests.folder(vae_folder))))
+    m = cfg.metrics
+    lpips_files = i3d_file = None
+    metric_weights = []
+    if settings.lpips:
+        lpips_files = resolve_lpips_files(settings.lpips, m.lpips_trunk or None, m.lpips_heads or None)
+        metric_weights += [("lpips_trunk", digests.file(lpips_files[0])), ("lpips_heads", digests.file(lpips_files[1]))]
+    if settings.fvd:
+        i3d_file = resolve_i3d_file(m.fvd_weights or None)
+        metric_weights.append(("i3d", digests.file(i3d_file)))
+    fps = getattr(source, "fps", None)  # a DAVIS source reads at data.fps; a video folder at each file's own rate
+    settings = dataclasses.replace(settings, fps=None if fps is None else float(fps), metric_weights=tuple(metric_weights))
+    return settings, out_models, folders, (lpips_files, i3d_file)
+
+
+@dataclasses.dataclass
+class Plan:
+    settings: Settings
+    models: list
+    source: object
+    out_dir: Path
+    store: Store
+    evaluator: Evaluator
+    sequences: list
+    work: list
+    digests: object
+
+
+def plan(cfg) -> Plan:
+    """Everything up to the first compute: settings, sources, weights and their hashes, what is left to score."""
+    from m3ddm_jax.data.davis import open_source, resolve_sequences  # noqa: PLC0415
+    from m3ddm_jax.metrics.weights import DigestCache  # noqa: PLC0415
+
     settings = parse_settings(cfg)
     models = parse_models(cfg)
     source = open_source(cfg.data.source, cfg.data.dir, resolution=cfg.data.resolution, tfds_name=cfg.data.tfds_name,
@@ -321,25 +370,34 @@ def evaluate(cfg) -> int:
     out_dir = output_dir(cfg.output_dir, source.label)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output_dir {out_dir} is a file")
+    sequences = resolve_sequences(cfg.data.sequences, source.names(), default=source.default_sequences)
+    Evaluator(cfg, settings, models, None).check_geometry()  # config errors before any weights are fetched
+    digests = DigestCache(out_dir / DIGEST_CACHE)
+    settings, models, folders, (lpips_files, i3d_file) = identify(cfg, settings, models, source, digests)
     store = Store(out_dir)  # reads the rows of an earlier run, if any
     ev = Evaluator(cfg, settings, models, store)
-    ev.check_geometry()
-    sequences = resolve_sequences(cfg.data.sequences, source.names(), default=source.default_sequences)
-    work = ev.pending(sequences)
-    if work:
-        ev.resolve_weights(work)  # fail before any compute when model or metric weights are missing
+    ev._model_folders, ev._lpips_files, ev._i3d_file = folders, lpips_files, i3d_file
+    return Plan(settings, models, source, out_dir, store, ev, sequences, ev.pending(sequences), digests)
+
+
+def evaluate(cfg) -> int:
+    t0 = time.perf_counter()
+    p = plan(cfg)
+    settings, models, out_dir, store, ev, work = p.settings, p.models, p.out_dir, p.store, p.evaluator, p.work
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from e
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"output folder is not writable: {out_dir}")
-    total = len(sequences) * len(settings.datasets) * len(settings.ratios) * len(models)
-    print(f"{PROG}: protocol {settings.protocol}; {len(sequences)} sequences x {len(settings.datasets)} datasets x "
+    store.clean()
+    p.digests.save()
+    total = len(p.sequences) * len(settings.datasets) * len(settings.ratios) * len(models)
+    print(f"{PROG}: protocol {settings.protocol}; {len(p.sequences)} sequences x {len(settings.datasets)} datasets x "
           f"{len(settings.ratios)} mask ratios x {len(models)} models: {total - len(work)} already scored, "
-          f"{len(work)} to score", file=sys.stderr)
-    done = ev.run(source, work, source.label) if work else 0
-    md = write_reports(store, settings, models, source.label, sequences, ev.protocol.describe(), ev.box)
+          f"{len(work)} to score (settings signature {ev.sig})", file=sys.stderr)
+    done = ev.run(p.source, work, p.source.label) if work else 0
+    md = write_reports(store, settings, models, p.source.label, p.sequences, ev.protocol.describe(), ev.box)
     print(f"{PROG}: scored {done} videos in {time.perf_counter() - t0:.1f} s; table {md}", file=sys.stderr)
     return 0
 

@@ -31,7 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 6
     c.canvas = "square"
     c.dtype = "float32"
-    c.save_videos = False           # keep generated videos under output_dir/videos/
+    # keep the generated videos (the model's output) under output_dir/videos/<signature>/<model>/<dataset>_<ratio>/;
+    # a rerun with save_videos regenerates the videos it lacks (same seed: the same numbers)
+    c.save_videos = False
+    c.lossless_videos = False       # save lossless RGB copies (<sequence>.lossless.mp4) that re-score exactly
     c.progress = True
 
     c.data = ml_collections.ConfigDict()

@@ -2,14 +2,20 @@
 
 Used by ``eval.py``; importable without absl flags (tests, notebooks, training validation reports).
 
-* :class:`Store` - ``per_video.jsonl`` (one JSON row per scored video, rewritten atomically after every
-  video) and ``features/`` (I3D clip embeddings as ``.npy``, so FVD over a whole set survives a resume).
-  A row's id holds the :class:`Settings` signature, the model (name and weights), dataset, mask ratio
-  and sequence: rerunning with the same settings skips it, changed settings score anew.
+* :class:`Store` - ``per_video.jsonl`` (one JSON row per scored video, keys sorted, rewritten atomically
+  after every video), ``timings.jsonl`` (seconds per video, kept out of the rows so that a table does not
+  depend on how fast or in how many sittings it was computed) and ``features/`` (I3D clip embeddings as
+  ``.npy``, so FVD over a whole set survives a resume). A row's id holds the :class:`Settings` signature,
+  the model (name and content identity: hashes of its U-Net and VAE files), dataset, mask ratio and
+  sequence: rerunning with the same settings skips it, changed settings score anew.
 * :func:`summarize` / :func:`render_markdown` / :func:`write_reports` - one table row per (dataset, mask
   ratio, model) with MSE, PSNR, SSIM, LPIPS, FVD, BMSE (means over videos; FVD over the pooled clips of all
   videos of the row against the same videos' ground truth), several models side by side; the ``clean``
-  protocol adds a table for the generated region alone. ``summary.md``, ``summary.json``, ``per_video.csv``.
+  protocol adds a table for the generated region alone. ``summary.md``, ``summary.json``, ``per_video.csv``
+  (fixed columns, rows in table order: the same bytes however the rows were computed).
+
+Every file is written atomically (a temporary name in the destination folder, flushed and synced, then
+renamed; the user's umask applies): a run killed at any moment leaves whole files and whole rows only.
 """
 from __future__ import annotations
 
@@ -20,36 +26,90 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
 from pathlib import Path
 
-from m3ddm_jax.metrics.protocol import FRAME_METRICS
+from m3ddm_jax.metrics.protocol import FRAME_METRICS, get_protocol, metric_names
 
 DATASET_LABELS = {"davis": "", "davis_static": " Static"}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+TMP_SUFFIX = ".tmp"  # temporary files of the atomic writers: ".<name>.<random>.tmp" next to the destination
+FAULT_ENV = "M3DDM_JAX_FAULT"  # fault injection for tests: "<file name>:<n>" = SIGKILL halfway through its n-th write
+_fault_counts: dict[str, int] = {}
+
+
+def _umask() -> int:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _maybe_fault(name: str, f, data: bytes) -> None:
+    """Test hook (:data:`FAULT_ENV`): die by SIGKILL with half of ``data`` in the temporary file."""
+    spec = os.environ.get(FAULT_ENV, "")
+    target, _, count = spec.rpartition(":")
+    if not spec or target != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if str(_fault_counts[name]) == count:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, skip_same: bool = False) -> bool:
+    """Write ``data`` to ``path`` atomically; ``skip_same``: leave an identical file untouched. True if written."""
+    path = Path(path)
+    if skip_same:
+        try:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            _maybe_fault(path.name, f, data)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return True
+
+
+def write_atomic(path: Path, text: str, *, skip_same: bool = False) -> bool:
+    return write_bytes_atomic(path, text.encode("utf-8"), skip_same=skip_same)
 
 
 def save_npy_atomic(path: Path, arr) -> None:
     import numpy as np  # noqa: PLC0415
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr))
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files that a killed run left behind (only this module's ``.<name>.<random>.tmp`` pattern)."""
     try:
-        np.save(tmp, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for p in folder.glob(f".*{TMP_SUFFIX}"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def short_hash(text: str, n: int = 16) -> str:
@@ -64,7 +124,12 @@ def pct(ratio: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Model:
     name: str
-    spec: str      # weights spec as given ("" = default release)
+    spec: str           # weights spec as given ("" = default release)
+    identity: str = ""  # content identity, "unet:<sha256[:16]> vae:<sha256[:16]>" (see :func:`model_identity`)
+
+
+def model_identity(unet_digest: str, vae_digest: str) -> str:
+    return f"unet:{unet_digest[:16]} vae:{vae_digest[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,42 +153,81 @@ class Settings:
     lpips: str | None          # net name, or None when LPIPS is off
     fvd: tuple[int, int] | None  # (size, clip length), or None when FVD is off
     psnr_max: float
+    fps: float | None = None   # the frame rate a DAVIS source is read at (None: each video's own, a video folder)
+    # ((role, sha256), ...) of the metric weight files: lpips_trunk, lpips_heads, i3d
+    metric_weights: tuple[tuple[str, str], ...] = ()
+
+    def outpaint_config(self):
+        """The sampler configuration every video is outpainted with (sampler, guidance scales, global frames
+        and the other defaults included, so that a changed default changes the signature too)."""
+        from m3ddm_jax.outpaint.pipeline import OutpaintConfig  # noqa: PLC0415
+
+        return OutpaintConfig(ratio=self.target_ratio, output_size=self.output_size, canvas=self.canvas,
+                              strides=tuple(self.strides), limit=self.limit, steps=self.steps, seed=self.seed)
 
     def signature(self) -> str:
-        """Everything that changes a row's numbers, except the model, dataset, ratio and sequence."""
+        """Everything that changes a row's numbers, except the model, dataset, ratio and sequence: these
+        settings, the complete sampler configuration, the protocol's definition and the metric weights'
+        content hashes. (The model's content identity is part of each row's id.)"""
         d = dataclasses.asdict(self)
         for k in ("ratios", "datasets"):
             d.pop(k)
-        return short_hash(json.dumps(d, sort_keys=True), 12)
+        d["outpaint_config"] = dataclasses.asdict(self.outpaint_config())
+        d["protocol_definition"] = dataclasses.asdict(get_protocol(self.protocol))
+        return short_hash(json.dumps(d, sort_keys=True, default=list), 12)
+
+    def metric_names(self) -> tuple[str, ...]:
+        return metric_names(get_protocol(self.protocol), self.lpips is not None)
 
 
 class Store:
-    """``per_video.jsonl`` (rewritten atomically on every add) plus the I3D features under ``features/``."""
+    """``per_video.jsonl`` and ``timings.jsonl`` (rewritten atomically on every add) plus the I3D features
+    under ``features/``."""
 
     def __init__(self, out_dir: Path):
         self.dir = out_dir
         self.path = out_dir / "per_video.jsonl"
+        self.timings_path = out_dir / "timings.jsonl"
         self.features = out_dir / "features"
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+        self.rows = self._read(self.path)
+        self.timings = self._read(self.timings_path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     row = json.loads(line)
-                    self.rows[row["id"]] = row
+                    rows[row["id"]] = row
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a damaged line is recomputed
+                    continue  # a damaged line (not written by this version's atomic writer) is recomputed
+        return rows
+
+    def clean(self) -> None:
+        """Drop the temporary files of a run that was killed while writing (call before writing)."""
+        remove_stale_temporaries(self.dir)
+        remove_stale_temporaries(self.features)
 
     @staticmethod
     def row_id(sig: str, model: Model, dataset: str, ratio: float, seq: str) -> str:
-        return f"{sig}|{model.name}|{model.spec}|{dataset}|{ratio:g}|{seq}"
+        return f"{sig}|{model.name}|{model.identity or model.spec}|{dataset}|{ratio:g}|{seq}"
 
     def has(self, rid: str) -> bool:
         row = self.rows.get(rid)
         return row is not None and all((self.features / row[k]).exists() for k in ("fvd_file", "gt_fvd_file") if row.get(k))
 
-    def add(self, row: dict) -> None:
+    @staticmethod
+    def _jsonl(rows: dict[str, dict]) -> str:
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows.values())
+
+    def add(self, row: dict, timing: dict | None = None) -> None:
+        """Record a scored video: the row first (atomically), then its timing."""
         self.rows[row["id"]] = row
-        write_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows.values()))
+        write_atomic(self.path, self._jsonl(self.rows))
+        if timing is not None:
+            self.timings[row["id"]] = {"id": row["id"], **timing}
+            write_atomic(self.timings_path, self._jsonl(self.timings))
 
     def feature_path(self, name: str) -> Path:
         self.features.mkdir(parents=True, exist_ok=True)
@@ -135,6 +239,24 @@ class Store:
         if not name or not (self.features / name).exists():
             return None
         return np.load(self.features / name)
+
+
+#: per_video.csv's columns, in this order (metric columns in between: see :func:`csv_columns`)
+CSV_HEAD = ("id", "signature", "protocol", "model", "weights", "model_id", "dataset", "mask_ratio", "axis", "sequence",
+            "frames", "fps")
+CSV_TAIL = ("fvd_clips", "fvd_file", "gt_fvd_file")
+
+
+def csv_columns(settings: Settings) -> tuple[str, ...]:
+    """The columns of ``per_video.csv``: fixed by the settings, whichever rows exist or in what order they came."""
+    return CSV_HEAD + settings.metric_names() + CSV_TAIL
+
+
+def table_rows(store: Store, settings: Settings, models: list[Model], sequences: list[str]) -> list[dict]:
+    """The rows behind the table, in table order: dataset, mask ratio, model, then sequence."""
+    sig = settings.signature()
+    return [store.rows[rid] for ds in settings.datasets for r in settings.ratios for m in models for seq in sequences
+            if (rid := Store.row_id(sig, m, ds, r, seq)) in store.rows]
 
 
 COLUMNS = (("mse", "MSE", "{:.5f}"), ("psnr", "PSNR", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
@@ -155,7 +277,7 @@ def summarize(store: Store, settings: Settings, models: list[Model], label: str,
                 rows = [store.rows[rid] for seq in sequences
                         if (rid := Store.row_id(sig, m, ds, r, seq)) in store.rows]
                 entry = {"dataset": f"{label}{DATASET_LABELS[ds]}", "dataset_key": ds, "mask_ratio": r, "model": m.name,
-                         "weights": m.spec, "videos": len(rows), "frames": int(sum(x["frames"] for x in rows))}
+                         "weights": m.spec, "model_id": m.identity, "videos": len(rows), "frames": int(sum(x["frames"] for x in rows))}
                 keys = [k + sfx for sfx in ("", "_gen") for k in FRAME_METRICS if any(k + sfx in x for x in rows)]
                 for k in keys:
                     vals = [x[k] for x in rows if k in x]
@@ -185,13 +307,17 @@ def render_markdown(entries: list[dict], settings: Settings, protocol_text: str,
         f"- protocol: **{settings.protocol}** ({protocol_text})",
         f"- target {settings.target_ratio} at {box[1]}x{box[0]}, {settings.axis} masks, strides "
         f"{','.join(map(str, settings.strides))}, frames {'all' if settings.limit is None else settings.limit}, "
-        f"{settings.steps} steps, seed {settings.seed}, canvas {settings.canvas}, {settings.dtype}",
+        f"{settings.steps} steps, seed {settings.seed}, canvas {settings.canvas}, {settings.dtype}, "
+        f"{'fps ' + format(settings.fps, 'g') if settings.fps else 'each video at its own frame rate'}",
         f"- PSNR per frame capped at {settings.psnr_max:g} dB; LPIPS {settings.lpips or 'off'}; FVD "
         + (f"I3D Kinetics-400 logits, {settings.fvd[1]}-frame clips at {settings.fvd[0]}x{settings.fvd[0]}, "
            f"pooled over all videos of a row" if settings.fvd else "off"),
-        f"- settings signature {settings.signature()}",
-        "",
+        f"- settings signature {settings.signature()}"
+        + "".join(f"; {role} {digest[:16]}" for role, digest in settings.metric_weights),
     ]
+    models = list(dict.fromkeys((e["model"], e["weights"], e.get("model_id", "")) for e in entries))
+    lines += [f"- model {name}: {spec or 'default release'}" + (f" ({ident})" if ident else "") for name, spec, ident in models]
+    lines.append("")
 
     def table(suffix: str, cols):
         head = "| dataset | mask ratio | model | " + " | ".join(c[1] for c in cols) + " | videos |"
@@ -216,17 +342,13 @@ def write_reports(store: Store, settings: Settings, models: list[Model], label: 
                   protocol_text: str, box) -> Path:
     entries = summarize(store, settings, models, label, sequences)
     md = store.dir / "summary.md"
-    write_atomic(md, render_markdown(entries, settings, protocol_text, box))
+    write_atomic(md, render_markdown(entries, settings, protocol_text, box), skip_same=True)
     write_atomic(store.dir / "summary.json", json.dumps(
         {"protocol": settings.protocol, "protocol_description": protocol_text, "settings": dataclasses.asdict(settings),
-         "signature": settings.signature(), "sequences": sequences, "rows": entries}, indent=1, default=list) + "\n")
-    sig = settings.signature()
-    rows = [r for r in store.rows.values() if r.get("signature") == sig]
-    if rows:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        write_atomic(store.dir / "per_video.csv", buf.getvalue())
+         "signature": settings.signature(), "sequences": sequences, "rows": entries}, indent=1, default=list) + "\n", skip_same=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=csv_columns(settings), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(table_rows(store, settings, models, sequences))
+    write_atomic(store.dir / "per_video.csv", buf.getvalue(), skip_same=True)
     return md

@@ -166,3 +166,98 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:
         raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
     raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path} (expected .pth, .safetensors, .npz or .ckpt)")
+
+
+# -- content identity ------------------------------------------------------------------------------------
+
+#: files of a model folder whose content decides the model (what the loaders read: config + weights)
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".msgpack", ".pth", ".pt", ".npz", ".ckpt")
+
+
+class DigestCache:
+    """sha256 of files, cached per (real path, size, mtime, ctime, inode) so that a rerun does not rehash
+    gigabytes of weights: a file rewritten in place changes its mtime/ctime and is hashed again.
+
+    ``path`` is the JSON cache file (None: in memory only). :meth:`save` writes it atomically when anything
+    was hashed; a missing, damaged or unwritable cache only costs the hashing time."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        import json  # noqa: PLC0415
+
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(data, dict):
+                    self.entries = {k: v for k, v in data.items() if isinstance(v, dict)}
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def file(self, path: str | os.PathLike) -> str:
+        """The hex sha256 of a file's bytes."""
+        try:
+            return self._file(path)
+        except OSError as e:
+            raise CheckpointError(f"cannot read weights file {path}: {e.strerror or e}") from e
+
+    def _file(self, path: str | os.PathLike) -> str:
+        import hashlib  # noqa: PLC0415
+
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stamp = self._stamp(st)
+        hit = self.entries.get(real)
+        if hit and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+            return hit["sha256"]
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        if self._stamp(os.stat(real)) != stamp:  # changed while being read: hash what is there now
+            return self._file(path)
+        self.entries[real] = {"stamp": stamp, "sha256": h.hexdigest()}
+        self.dirty = True
+        return h.hexdigest()
+
+    def folder(self, folder: str | os.PathLike) -> str:
+        """One sha256 over a model folder's config and weight files (names and contents, sorted by name)."""
+        import hashlib  # noqa: PLC0415
+
+        folder = Path(folder)
+        try:
+            names = list(folder.iterdir())
+        except OSError as e:
+            raise CheckpointError(f"cannot read model folder {folder}: {e.strerror or e}") from e
+        files = sorted(p for p in names if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in MODEL_FILE_SUFFIXES)
+        if not files:
+            raise CheckpointError(f"{folder} holds no config or weight files")
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.name}\0{self.file(p)}\n".encode())
+        return h.hexdigest()
+
+    def save(self) -> None:
+        import json  # noqa: PLC0415
+
+        if self.path is None or not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(self.entries, f, sort_keys=True, indent=0)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            self.dirty = False
+        except OSError:
+            pass  # a cache that cannot be written only costs time on the next run
