@@ -317,3 +317,288 @@ def test_bad_input_one_line_errors(env, tmp_path):
     r = run(eval_cmd(env, tmp_path / "o4", f"--config.metrics.fvd_weights={tmp_path / 'missing-i3d.ckpt'}"))
     one_line_error(r, "I3D", "missing-i3d.ckpt")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing written
+
+
+# -- resume: the signature, fixed columns, kill + rerun, lossless videos --------------------------------------------------
+# One short configuration (1 dataset x 1 mask ratio x 2 sequences, 2 steps) scored once by `light`, shared by the tests.
+
+LIGHT = ("--config.data.datasets=davis", "--config.masks.ratios=0.25", "--config.steps=2")
+TABLE_FILES = ("per_video.jsonl", "per_video.csv", "summary.md", "summary.json")
+
+
+def perturbed_copy(src: Path, dst: Path) -> Path:
+    """A copy of a weights file (or of a model folder's safetensors) with one number changed."""
+    import shutil
+
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        f = dst / "diffusion_pytorch_model.safetensors"
+        f.chmod(0o644)
+        from safetensors.numpy import load_file, save_file
+
+        d = load_file(str(f))
+        k = "decoder.conv_in.bias" if "decoder.conv_in.bias" in d else sorted(d)[0]
+        d[k] = d[k].copy()
+        d[k].flat[0] += 0.25
+        save_file(d, str(f))
+        return dst
+    if src.suffix == ".npz":
+        with np.load(src) as z:
+            d = {k: z[k].copy() for k in z.files}
+        k = sorted(d)[0]
+        d[k].flat[0] += 0.25
+        np.savez(dst, **d)
+        return dst
+    with open(src, "rb") as fh:
+        tree = pickle.load(fh)
+    node = tree
+    while isinstance(node, dict):
+        key = sorted(node)[0]
+        if isinstance(node[key], dict):
+            node = node[key]
+        else:
+            node[key] = node[key].copy()
+            node[key].flat[0] += 0.25
+            break
+    with open(dst, "wb") as fh:
+        pickle.dump(tree, fh)
+    return dst
+
+
+def table_bytes(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in TABLE_FILES}
+
+
+def features_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "features").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def light(env):
+    """The light configuration scored once, uninterrupted, keeping lossless videos."""
+    out = env["root"] / "light"
+    r = run(eval_cmd(env, out, *LIGHT, "--config.save_videos=True", "--config.lossless_videos=True"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 already scored, 2 to score" in r.stderr and "scored 2 videos" in r.stderr
+    return {"out": out, "tables": table_bytes(out), "features": features_bytes(out)}
+
+
+def eval_module():
+    """eval.py imported as a module (it defines no flags on import)."""
+    import importlib.util
+
+    name = "m3ddm_eval_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "eval.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def light_config(env, out: Path, **overrides):
+    """The `light` run's config in process (as eval_cmd + LIGHT set it on the command line)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_davis_config", REPO / "configs" / "eval_davis.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.data.dir, cfg.weights, cfg.output_dir = str(env["davis"]), str(env["weights"]), str(out)
+    cfg.target_ratio, cfg.output_size, cfg.steps, cfg.progress = "4:3", 64, 2, False
+    cfg.data.sequences, cfg.data.datasets, cfg.masks.ratios = ",".join(SEQS), "davis", "0.25"
+    cfg.metrics.lpips_trunk, cfg.metrics.lpips_heads = str(env["trunk"]), str(env["heads"])
+    cfg.metrics.fvd_weights, cfg.metrics.fvd_size = str(env["i3d"]), 112
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def test_csv_columns_fixed_whatever_rows_and_order(tmp_path):
+    """per_video.csv: the same header whichever rows exist, rows in table order whatever order they were added in."""
+    from m3ddm_jax.metrics.report import Model, Settings, Store, csv_columns, write_reports
+
+    s = Settings("clean", "16:9", 256, "square", (5, 3, 1), None, 50, 6, "float32", "horizontal", (0.25,),
+                 ("davis",), "files", "480p", None, None, 100.0)
+    m = Model("M", "w", "unet:1 vae:2")
+    rows = []
+    for i, seq in enumerate(SEQS):
+        row = {"id": Store.row_id(s.signature(), m, "davis", 0.25, seq), "signature": s.signature(), "model": "M",
+               "weights": "w", "model_id": m.identity, "dataset": "davis", "mask_ratio": 0.25, "sequence": seq,
+               "frames": 3, "fps": 24.0}
+        row.update({k: 0.1 * (i + 1) for k in s.metric_names()})
+        rows.append(row)
+    texts = []
+    for order, sub in (("fwd", rows), ("rev", rows[::-1]), ("one", rows[1:])):
+        store = Store(tmp_path / order)
+        store.dir.mkdir()
+        for row in sub:  # keys in a different order in each store
+            store.add(dict(reversed(list(row.items()))) if order == "rev" else row)
+        write_reports(store, s, [m], "X", list(SEQS), "clean", (144, 256))
+        texts.append((tmp_path / order / "per_video.csv").read_text())
+        assert texts[-1].splitlines()[0] == ",".join(csv_columns(s))
+    assert csv_columns(s)[:6] == ("id", "signature", "protocol", "model", "weights", "model_id")
+    assert texts[0] == texts[1] and texts[2].splitlines() == [texts[0].splitlines()[0], texts[0].splitlines()[2]]
+    assert [ln.split(",")[9] for ln in texts[0].splitlines()[1:]] == list(SEQS)
+
+
+def test_eval_rerun_scoring_nothing_keeps_tables_byte_identical(env, light):
+    """A rerun that scores nothing leaves per_video.csv (and the other tables) byte-identical, untouched."""
+    out = light["out"]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in TABLE_FILES}
+    r = run(eval_cmd(env, out, *LIGHT, "--config.save_videos=True", "--config.lossless_videos=True"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 already scored, 0 to score" in r.stderr
+    assert table_bytes(out) == light["tables"]
+    assert {n: (out / n).stat().st_mtime_ns for n in TABLE_FILES} == stamps
+    header = (out / "per_video.csv").read_text().splitlines()[0].split(",")
+    assert header[:12] == ["id", "signature", "protocol", "model", "weights", "model_id", "dataset", "mask_ratio",
+                           "axis", "sequence", "frames", "fps"]
+    assert header[12:] == ["mse", "psnr", "ssim", "lpips", "bmse", "fvd_clips", "fvd_file", "gt_fvd_file"]
+
+
+def test_eval_resume_signature_covers_fps_weights_and_models(env, light, tmp_path):
+    """What a rerun would score (eval.plan, no compute): nothing for the same settings (also with the same VAE
+    content at another path), everything after a change of data.fps, of any metric weight file, of the VAE or
+    of the U-Net, each detected by content."""
+    import shutil
+
+    ev = eval_module()
+    out = light["out"]
+    assert ev.plan(light_config(env, out)).work == []
+    same_vae = tmp_path / "same_vae"
+    shutil.copytree(TINY_VAE, same_vae)
+    assert ev.plan(light_config(env, out, vae=str(same_vae))).work == []
+    other_unet = tmp_path / "w2"
+    other_unet.mkdir()
+    perturbed_copy(Path(TINY_UNET), other_unet / "unet")
+    (other_unet / "vae").symlink_to(TINY_VAE)
+    changes = {
+        "data.fps": 12.0,
+        "vae": str(perturbed_copy(Path(TINY_VAE), tmp_path / "vae2")),
+        "weights": str(other_unet),
+        "metrics.lpips_trunk": str(perturbed_copy(env["trunk"], tmp_path / "trunk2.npz")),
+        "metrics.lpips_heads": str(perturbed_copy(env["heads"], tmp_path / "heads2.npz")),
+        "metrics.fvd_weights": str(perturbed_copy(env["i3d"], tmp_path / "i3d2.ckpt")),
+    }
+    base = ev.plan(light_config(env, out))
+    for key, value in changes.items():
+        p = ev.plan(light_config(env, out, **{key: value}))
+        assert len(p.work) == 2, key
+        if key in ("vae", "weights"):
+            assert p.settings.signature() == base.settings.signature() and p.models[0].identity != base.models[0].identity
+            changed = "vae" if key == "vae" else "unet"
+            same = "unet" if key == "vae" else "vae"
+            old, new = dict(x.split(":") for x in base.models[0].identity.split()), dict(x.split(":") for x in p.models[0].identity.split())
+            assert old[changed] != new[changed] and old[same] == new[same], key
+        else:
+            assert p.settings.signature() != base.settings.signature(), key
+    assert table_bytes(out) == light["tables"] and not list(out.glob(".*.tmp"))  # planning writes nothing
+
+
+def test_eval_rerun_with_other_vae_rescores(env, light, tmp_path):
+    """End to end: the same output folder rerun with a VAE that differs in one weight scores every video anew
+    (it used to report them as already scored) and keeps the old rows."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(light["out"], out, ignore=shutil.ignore_patterns("videos"))
+    vae2 = perturbed_copy(Path(TINY_VAE), tmp_path / "vae2")
+    r = run(eval_cmd(env, out, *LIGHT, f"--config.vae={vae2}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 already scored, 2 to score" in r.stderr and "scored 2 videos" in r.stderr
+    rows = [json.loads(ln) for ln in (out / "per_video.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and len({x["model_id"] for x in rows}) == 2
+    csv_rows = (out / "per_video.csv").read_text().splitlines()[1:]
+    assert len(csv_rows) == 2 and all(rows[2]["model_id"] in ln for ln in csv_rows)
+
+
+def test_eval_killed_mid_write_then_rerun_writes_same_table(env, light, tmp_path):
+    """SIGKILL halfway through writing the second row (fault injection: M3DDM_JAX_FAULT), then a rerun: no half
+    row was ever visible, the rerun scores only the missing video, and per_video.jsonl/.csv, summary.md/.json
+    and the FVD features are byte-identical to the uninterrupted run's."""
+    import os
+
+    out = tmp_path / "out"
+    cmd = eval_cmd(env, out, *LIGHT)
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "M3DDM_JAX_FAULT": "per_video.jsonl:2"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    lines = (out / "per_video.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["sequence"] == SEQS[0]
+    assert list(out.glob(".per_video.jsonl.*.tmp"))  # the half-written temporary file, never renamed
+    assert not (out / "per_video.csv").exists()
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 already scored, 1 to score" in r.stderr and "scored 1 videos" in r.stderr
+    assert table_bytes(out) == light["tables"]
+    assert features_bytes(out) == light["features"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_eval_lossless_videos_rescore_exactly(env, light):
+    """save_videos + lossless_videos: re-scoring the saved videos (ground truth prepared anew, the protocol's
+    JPEG of generated frames applied, the same metric code) gives every row's numbers exactly, and the same
+    I3D features."""
+    from m3ddm_jax.data.davis import jpeg_roundtrip, open_source, prepare_gt
+    from m3ddm_jax.masks import eval_pixel_mask
+    from m3ddm_jax.video import read_video
+
+    ev = eval_module()
+    p = ev.plan(light_config(env, light["out"], save_videos=True, lossless_videos=True))
+    assert p.work == []  # every row and its video are there
+    e = p.evaluator
+    rows = [json.loads(ln) for ln in (light["out"] / "per_video.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    src = open_source("auto", str(env["davis"]))
+    for row in rows:
+        path = e.video_path(p.models[0], row["dataset"], row["mask_ratio"], row["sequence"])
+        assert path.name == f"{row['sequence']}.lossless.mp4" and path.is_file()
+        frames, _ = src.load(row["sequence"])
+        gt = jpeg_roundtrip(prepare_gt(frames, e.box, e.protocol.resize), e.protocol.jpeg_gt)
+        saved = read_video(path)
+        gen = jpeg_roundtrip(np.asarray(saved.frames), e.protocol.jpeg_gen)
+        n = row["frames"]
+        assert len(gen) == n and saved.fps == row["fps"]
+        per_frame = e.scorer()(gt[:n], gen[:n], eval_pixel_mask(e.box[0], e.box[1], row["mask_ratio"], "horizontal"))
+        for k in ("mse", "psnr", "ssim", "lpips", "bmse"):
+            assert float(np.mean(per_frame[k])) == row[k], k
+        np.testing.assert_array_equal(e.i3d()(gen[:n]), np.load(light["out"] / "features" / row["fvd_file"]))
+
+
+def test_digest_cache_hashes_content_once(tmp_path):
+    """Weight files are identified by sha256 of their bytes, cached per path/size/mtime/ctime/inode: a rerun
+    reads the cache instead of rehashing, a file rewritten in place (same size) is hashed anew."""
+    import hashlib
+    import os
+
+    from m3ddm_jax.metrics.weights import DigestCache
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    cache = DigestCache(tmp_path / "cache.json")
+    assert cache.file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    cache.save()
+    entries = json.loads((tmp_path / "cache.json").read_text())
+    (key,) = entries
+    entries[key]["sha256"] = "cached"  # what a second run would read instead of hashing again
+    (tmp_path / "cache.json").write_text(json.dumps(entries))
+    assert DigestCache(tmp_path / "cache.json").file(f) == "cached"
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the ctime still tells
+    assert DigestCache(tmp_path / "cache.json").file(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (folder / "README.md").write_text("not part of the model")
+    d1 = DigestCache().folder(folder)
+    (folder / "README.md").write_text("changed")
+    assert DigestCache().folder(folder) == d1
+    (folder / "config.json").write_text('{"a": 1}')
+    assert DigestCache().folder(folder) != d1
