@@ -30,8 +30,9 @@ def build_parser() -> OneLineParser:
                      help="per-side outpainting in source pixels instead of a ratio: left=N,right=N,top=N,bottom=N "
                           "(or four integers l,r,t,b)")
     p.add_argument("--output", "-o", default=None,
-                   help="output file (.mp4, or .png/.jpg for an image); with several ratios a _W-H suffix is added. "
-                        "Default: <input stem>_<W>-<H>.mp4 in the current folder")
+                   help="output file; the extension decides the format: .mp4/.m4v/.mov/.mkv (H.264), .webm (VP9), "
+                        ".gif, or .png/.jpg for a 1-frame input (anything else is refused); with several ratios a "
+                        "_W-H suffix is added. Default: <input stem>_<W>-<H>.mp4 in the current folder")
     p.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     p.add_argument("--vae", default=None, help="VAE folder or hub id (default: stable-diffusion-v1-5 vae, or weights/vae)")
     p.add_argument("--seed", type=int, default=6, help="seed for every random draw (default 6, as the reference)")
@@ -48,9 +49,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--global-guidance-scale", type=float, default=4.0, help="global-frame guidance scale (default 4)")
     p.add_argument("--global-frames", type=int, default=16, help="number of global frames (default 16)")
     p.add_argument("--limit", type=int, default=None, help="outpaint only the first N frames")
-    p.add_argument("--png-frames", default=None, metavar="DIR", help="also write every output frame as PNG into DIR")
-    p.add_argument("--lossless", action="store_true", help="lossless H.264 (RGB) instead of yuv420p")
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18; lower is better)")
+    p.add_argument("--png-frames", default=None, metavar="DIR",
+                   help="also write every output frame as PNG into DIR (new, empty, or holding only earlier frames)")
+    p.add_argument("--lossless", action="store_true",
+                   help="lossless RGB video (H.264 RGB, or VP9 lossless for .webm) instead of yuv420p")
+    p.add_argument("--crf", type=int, default=18, help="H.264 / VP9 quality (default 18; lower is better)")
     p.add_argument("--no-audio", action="store_true", help="do not copy the source audio")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype of the models (default float32)")
@@ -68,13 +71,43 @@ def _outputs(args, input_path: Path, ratios: list[str] | None) -> list[Path]:
     return [out.with_name(f"{out.stem}_{s}{out.suffix}") for s in suffixes]
 
 
+def _png_folder(png_frames: str, out: Path, n_outputs: int) -> Path:
+    folder = Path(png_frames)
+    if n_outputs > 1:
+        folder = folder.with_name(f"{folder.name}_{out.stem.rsplit('_', 1)[-1]}")
+    return folder
+
+
+def _has_audio(path: Path) -> bool:
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            return bool(c.streams.audio)
+    except Exception:
+        return False
+
+
+def _summary(result, written: tuple[int, int]) -> str:
+    """The result's summary with the size of the file as written (yuv420p drops an odd last row/column)."""
+    text = result.summary()
+    rh, rw = result.frames.shape[1:3]
+    fw, fh = written
+    if (fw, fh) != (rw, rh):
+        size = f"{rw}x{rh}"
+        new = f"{fw}x{fh} (yuv420p needs even sizes: {rw}x{rh} cropped)"
+        text = text.replace(f"-> {size}", f"-> {new}", 1) if f"-> {size}" in text else f"{text}; written {new}"
+    return text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
         from m3ddm_jax.outpaint.geometry import parse_pad, parse_ratio
         from m3ddm_jax.outpaint.windows import parse_strides
-        from m3ddm_jax.video import check_writable, is_image_path, read_video, write_frames_png, write_video
+        from m3ddm_jax.video import (check_frames_folder, check_writable, read_video, write_frames_png, write_video,
+                                     written_size)
 
         # cheap checks first: arguments, input, output folder; then weights; then compute
         ratios = None
@@ -93,12 +126,19 @@ def main(argv=None) -> int:
         input_path = Path(args.input)
         video = read_video(input_path)
         outputs = _outputs(args, input_path, ratios)
-        for o in outputs:
-            check_writable(o)
+        n_out = video.num_frames if args.limit is None else max(0, min(args.limit, video.num_frames))
+        for o in outputs:  # the extension decides the format; refused here, before any compute, if it cannot
+            check_writable(o, num_frames=n_out, lossless=args.lossless)
             if o.resolve() == input_path.resolve():
                 raise UserError(f"output {o} would overwrite the input")
-        if args.png_frames is not None and not Path(args.png_frames).resolve().parent.exists():
-            raise UserError(f"folder for --png-frames does not exist: {Path(args.png_frames).parent}")
+        png_folders = [_png_folder(args.png_frames, o, len(outputs)) for o in outputs] if args.png_frames else []
+        for folder in png_folders:
+            if not folder.resolve().parent.exists():
+                raise UserError(f"folder for --png-frames does not exist: {folder.parent}")
+            check_frames_folder(folder)
+        keep_audio = not (args.no_audio or video.is_image)
+        if keep_audio and any(o.suffix.lower() == ".gif" for o in outputs) and _has_audio(input_path):
+            print(f"infer.py: note: GIF holds no audio; {input_path.name}'s audio is not kept", file=sys.stderr)
 
         import jax.numpy as jnp
 
@@ -121,14 +161,11 @@ def main(argv=None) -> int:
             if result.copied:
                 print(f"infer.py: {input_path.name} already has the target shape; writing a faithful copy", file=sys.stderr)
             fps = video.fps_fraction or video.fps
-            write_video(out_path, result.frames, fps, audio_from=None if (args.no_audio or video.is_image) else input_path,
+            write_video(out_path, result.frames, fps, audio_from=input_path if keep_audio else None,
                         crf=args.crf, lossless=args.lossless)
-            if args.png_frames is not None:
-                folder = Path(args.png_frames)
-                if len(outputs) > 1:
-                    folder = folder.with_name(f"{folder.name}_{out_path.stem.rsplit('_', 1)[-1]}")
-                write_frames_png(folder, result.frames)
-            print(f"{out_path}: {result.summary()} (total {time.perf_counter() - t0:.1f} s)")
+            if png_folders:
+                write_frames_png(png_folders[outputs.index(out_path)], result.frames)
+            print(f"{out_path}: {_summary(result, written_size(out_path))} (total {time.perf_counter() - t0:.1f} s)")
         return 0
 
     return run_main("infer.py", run)
