@@ -10,7 +10,8 @@ paper's sizes: 16-frame clips cropped to 128 px and 16 global frames resized to 
 Measured:
 
 * ``element``: ``load_clip`` in this process (what one grain worker does per element: open, decode up to
-  the last global frame, crop, resize), per clip;
+  the last global frame, crop, resize), per clip, wall and CPU seconds (CPU seconds give the rate of one
+  worker with a core to itself; wall seconds include whatever else shares the machine);
 * ``loader, N workers``: the grain ``DataLoader`` (batch 8, ``worker_count`` N) end to end, clips/s.
 
 Every global frame is spread over the whole video, so one element decodes the video up to its last frame:
@@ -78,6 +79,9 @@ def main() -> int:
     from m3ddm_jax.runtime import tune_malloc
 
     tune_malloc()
+    from absl import flags  # grain worker processes read absl flags
+
+    flags.FLAGS.mark_as_parsed()
     spec = ClipSpec(num_frames=args.frames, num_global_frames=args.global_frames, size=args.size,
                     global_size=args.global_size)
     out: dict = {"video": f"{args.width}x{args.height} H.264, {args.seconds:g} s at {args.fps} fps",
@@ -92,18 +96,22 @@ def main() -> int:
         files = find_videos(tmp)
         rng = np.random.default_rng(0)
         load_clip(files[0], spec, rng)  # warm-up (imports, codec init)
-        times = []
+        times, cpu = [], []
         for i in range(args.elements):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             el = load_clip(files[i % len(files)], spec, rng)
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         assert el["frames"].shape == (args.frames, args.size, args.size, 3)
         assert el["global_frames"].shape == (args.global_frames, args.global_size, args.global_size, 3)
         med = statistics.median(times)
         out["element_s_median"] = round(med, 4)
         out["clips_per_s_per_worker"] = round(1.0 / med, 2)
-        print(f"{out['video']}; {out['clip']}: load_clip median {med * 1e3:.0f} ms -> "
-              f"{1 / med:.2f} clips/s per worker process", flush=True)
+        cpu_med = statistics.median(cpu)
+        out["element_cpu_s_median"] = round(cpu_med, 4)
+        out["clips_per_cpu_s"] = round(1.0 / cpu_med, 2)
+        print(f"{out['video']}; {out['clip']}: load_clip median {med * 1e3:.0f} ms wall, {cpu_med * 1e3:.0f} ms "
+              f"CPU -> {1 / med:.2f} clips/s per worker process here, {1 / cpu_med:.2f} per busy core", flush=True)
         for w in [int(x) for x in args.workers.split(",") if x.strip()]:
             it = iter(make_loader(files, spec, batch_size=args.batch, seed=0, worker_count=w))
             next(it)  # start-up (worker processes, first batch)
