@@ -1,0 +1,130 @@
+"""What fits where: TPU-compiler AOT compiles of the full model (not run by CI; needs ``.[tpu-aot]``).
+
+Each row is one ``python -m m3ddm_jax.aot`` run in its own process (``--json`` into ``--out``); the table is
+built from the JSON files, so rows can be (re)run one at a time (``--only NAME``) and the table printed from
+what is there (``--table``).
+
+    python bench/aot.py                       # every row, then the table
+    python bench/aot.py --only train-v5e-8    # one row
+    python bench/aot.py --table               # the table from the saved rows
+
+Training rows: the full model, the paper's clips (16 frames + 16 global frames at 128 px), bf16 compute
+with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 32 x fsdp 8). ``--max-batch``
+rows search the largest global batch that compiles; ``batch N`` rows compile one batch. Inference rows: one
+window, 50 PLMS steps, 16 frames at 256 px (32x32 latents), 16 global frames, on ONE chip.
+
+Columns: per-device peak (arguments + outputs - aliased + temporaries) and the compiler's limit, FLOPs per
+device (XLA cost analysis; a ``fori_loop``/``lax.map`` body counts once, so inference FLOPs are per
+denoising step), the step-time lower bound (FLOPs / the chip's bf16 peak), and for training the loader
+workers each host needs so that input keeps up with that bound (clips per host per step / bound / clips per
+second of one worker, from ``bench/data.py --json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--what", "train", "--config", "configs/m3ddm_plus.py", "--config.model.compute_dtype=bfloat16",
+         "--config.model.remat=True"]
+ROWS = {
+    "infer-v5e-1-bf16": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "bfloat16"],
+    "infer-v5e-1-bf16-flash": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "bfloat16",
+                               "--attention", "flash"],
+    "infer-v5e-1-fp32-4rows-unchunked": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "float32",
+                                         "--rows", "4", "--attention-budget-mib", "none"],
+    "train-v5e-8": ["--topology", "v5e:2x4", *TRAIN, "--config.mesh.shape.data=1",
+                    "--config.mesh.shape.fsdp=8", "--max-batch"],
+    "train-v4-8": ["--topology", "v4:2x2x1", *TRAIN, "--config.mesh.shape.data=1",
+                   "--config.mesh.shape.fsdp=4", "--max-batch"],
+    "train-v6e-8": ["--topology", "v6e:2x4", *TRAIN, "--config.mesh.shape.data=1",
+                    "--config.mesh.shape.fsdp=8", "--max-batch"],
+    "train-v5p-8": ["--topology", "v5p:2x2x1", *TRAIN, "--config.mesh.shape.data=1",
+                    "--config.mesh.shape.fsdp=4", "--max-batch"],
+    "train-v5e-256": ["--topology", "v5e:16x16", *TRAIN, "--config.mesh.shape.data=32",
+                      "--config.mesh.shape.fsdp=8", "--batch", "256"],
+}
+
+
+def run_row(name: str, out: Path, extra: list[str]) -> None:
+    dest = out / f"{name}.json"
+    cmd = [sys.executable, "-m", "m3ddm_jax.aot", *ROWS[name], *extra, "--json", str(dest)]
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith(("infer", "train", "  batch", "max",
+                                                                                "m3ddm_jax.aot"))]
+    print("\n".join(lines), flush=True)
+    if p.returncode != 0:  # record the one-line error (e.g. does not fit) as the row's result
+        err = next((ln for ln in lines if ln.startswith("m3ddm_jax.aot: error")), p.stderr.strip()[-300:])
+        dest.write_text(json.dumps({"error": err, "wall_s": time.perf_counter() - t}))
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def table(out: Path, clips_per_worker: float) -> str:
+    rows = ["| row | topology | task, settings | per-device peak / limit (GiB) | batch | TFLOP/device | "
+            "step >= (ms) | loader workers/host | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, argv in ROWS.items():
+        f = out / f"{name}.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text())
+        topo = argv[argv.index("--topology") + 1]
+        if "error" in r:
+            rows.append(f"| {name} | {topo} | {' '.join(argv[2:])} | {r['error'].split('error: ', 1)[-1]} | - | - | "
+                        f"- | - | - |")
+            continue
+        batch = f"max {r['max_batch']}" if "max_batch" in r else str(r["batch"])
+        workers = "-"
+        if r["what"] == "train" and r["step_lower_bound_s"] > 0:
+            hosts = r.get("hosts") or 1
+            need = r["batch"] / hosts / r["step_lower_bound_s"] / clips_per_worker
+            workers = str(math.ceil(need))
+        compile_s = r["compile_s"]
+        if "tried" in r:
+            compile_s = f"{compile_s:.0f} (search: {', '.join(f'{b}:{'ok' if ok else 'no'}' for b, ok, _ in r['tried'])})"
+        else:
+            compile_s = f"{compile_s:.0f}"
+        rows.append(f"| {name} | {topo} | {r['what']}: {r['settings']} | {_gib(r['peak_bytes'])} / "
+                    f"{_gib(r['limit_bytes'])} | {batch} | {r['flops'] / 1e12:.2f} | "
+                    f"{r['step_lower_bound_s'] * 1e3:.0f} | {workers} | {compile_s} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="/tmp/m3ddm_aot", help="folder of the per-row JSON results")
+    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--table", action="store_true", help="only print the table from saved rows")
+    ap.add_argument("--data-json", default=None, help="bench/data.py --json output (clips/s per worker)")
+    ap.add_argument("--clips-per-worker", type=float, default=None,
+                    help="clips/s of one loader worker (default: --data-json's, else 1.98 measured here)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not args.table:
+        names = [n for n in args.only.split(",") if n] or list(ROWS)
+        for n in names:
+            if n not in ROWS:
+                print(f"unknown row {n!r}; rows: {', '.join(ROWS)}", file=sys.stderr)
+                return 2
+            run_row(n, out, [])
+    cpw = args.clips_per_worker
+    if cpw is None and args.data_json:
+        cpw = json.loads(Path(args.data_json).read_text())["clips_per_cpu_s"]
+    print(table(out, cpw or 1.98))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
