@@ -379,7 +379,7 @@ def test_forward_shape_errors(tiny_cfg):
     with pytest.raises(ConfigError, match="sample.*divisible by 2"):
         nnx.eval_shape(lambda m: m(jnp.zeros((1, 4, 7, 8, 9)), 1, g, 1), model)
     with pytest.raises(ConfigError, match="guidance"):
-        nnx.eval_shape(lambda m: m(jnp.zeros((3, 4, 8, 8, 9)), 1, g, 1, guidance=3), model)
+        nnx.eval_shape(lambda m: m(jnp.zeros((5, 4, 8, 8, 9)), 1, g, 1, guidance=5), model)  # 1-4 exist
     out = nnx.eval_shape(lambda m: m(jnp.zeros((4, 4, 8, 8, 9)), jnp.array([5.9]), g, 2.7, guidance=4), model)
     assert out.shape == (4, 4, 8, 8, 4)
 
