@@ -352,3 +352,50 @@ def test_full_disk_leaves_no_partial_file_and_the_old_output(tmp_path, ext):
     assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr
     assert lines[0].startswith(f"write: error: cannot write {dest}") and "File too large" in lines[0]
     assert dest.read_bytes() == b"an earlier result" and dot_files(tmp_path) == []
+
+
+ENOSPC = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from m3ddm_jax.cli_common import run_main
+from m3ddm_jax.video import write_video
+disk, ext = Path(sys.argv[1]), sys.argv[2]
+dest = disk / f"out{ext}"
+dest.write_bytes(b"an earlier result")
+(disk / "filler").write_bytes(bytes(200_000))              # of 256 KiB: the next ~56 KiB fill the disk
+frames = np.random.default_rng(0).integers(0, 256, (24, 128, 128, 3), dtype=np.uint8)
+rc = run_main("write", lambda: write_video(dest, frames, 24, lossless=ext != ".webm") and 0)
+print(json.dumps({"rc": rc, "dest": dest.read_text(), "files": sorted(p.name for p in disk.iterdir())}))
+"""
+
+
+def user_namespace_tmpfs(tmp_path: Path) -> bool:
+    """Whether a small tmpfs can be mounted without root here (a user + mount namespace)."""
+    import shutil
+
+    (tmp_path / "probe").mkdir()
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path / 'probe'}"],
+        capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".webm"])
+def test_real_full_disk_leaves_no_partial_file_and_the_old_output(tmp_path, ext):
+    """ENOSPC for real: a 256 KiB tmpfs in a user namespace (skipped where unshare cannot mount one). Unlike a
+    file-size limit, a full disk can also surface at the container's trailer and at close."""
+    import json
+
+    if not user_namespace_tmpfs(tmp_path):
+        pytest.skip("no user-namespace tmpfs here (unshare -rm + mount); the RLIMIT_FSIZE test covers this")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = (f"mount -t tmpfs -o size=256k tmpfs {disk} && cd {REPO} && "
+           f"{sys.executable} -c \"$0\" {disk} {ext}")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd, ENOSPC], capture_output=True, text=True, timeout=300)
+    print(p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 1 and len(lines) == 1 and "Traceback" not in p.stderr
+    assert lines[0] == f"write: error: cannot write {disk / f'out{ext}'}: No space left on device"
+    assert got["dest"] == "an earlier result" and got["files"] == ["filler", f"out{ext}"]  # no temporary left
