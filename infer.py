@@ -8,6 +8,7 @@ Several ratios at once (``--ratio 16:9,1:1``) write one output each (``OUT_16-9.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def _has_audio(path: Path) -> bool:
 def _summary(result, written: tuple[int, int]) -> str:
     """The result's summary with the size of the file as written (yuv420p drops an odd last row/column)."""
     text = result.summary()
-    rh, rw = result.frames.shape[1:3]
+    rh, rw = result.shape[1:3]
     fw, fh = written
     if (fw, fh) != (rw, rh):
         size = f"{rw}x{rh}"
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     def run() -> int:
         from m3ddm_jax.outpaint.geometry import parse_pad, parse_ratio
         from m3ddm_jax.outpaint.windows import parse_strides
-        from m3ddm_jax.video import (check_frames_folder, check_writable, read_video, write_frames_png, write_video,
+        from m3ddm_jax.video import (PngFramesWriter, VideoReader, VideoWriter, check_frames_folder, check_writable,
                                      written_size)
 
         # cheap checks first: arguments, input, output folder; then weights; then compute
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         if args.output_size < 64:
             raise UserError(f"--output-size must be at least 64, got {args.output_size}")
         input_path = Path(args.input)
-        video = read_video(input_path)
+        video = VideoReader(input_path)  # frames are decoded as a stream, twice: never all in memory
         outputs = _outputs(args, input_path, ratios)
         n_out = video.num_frames if args.limit is None else max(0, min(args.limit, video.num_frames))
         for o in outputs:  # the extension decides the format; refused here, before any compute, if it cannot
@@ -157,14 +158,17 @@ def main(argv=None) -> int:
                 feather=args.feather,
             )
             t0 = time.perf_counter()
-            result = Outpainter(unet, vae, cfg)(video.frames, video.fps, progress=not args.quiet)
+            fps = video.fps_fraction or video.fps
+            # each output frame is encoded as soon as it is final; the files appear only when complete
+            with VideoWriter(out_path, fps, audio_from=input_path if keep_audio else None, crf=args.crf,
+                             lossless=args.lossless) as writer, contextlib.ExitStack() as stack:
+                sinks = [writer.write]
+                if png_folders:
+                    sinks.append(stack.enter_context(PngFramesWriter(png_folders[outputs.index(out_path)])).write)
+                result = Outpainter(unet, vae, cfg)(video, video.fps, progress=not args.quiet,
+                                                    sink=lambda f: [s(f) for s in sinks])
             if result.copied:
                 print(f"infer.py: {input_path.name} already has the target shape; writing a faithful copy", file=sys.stderr)
-            fps = video.fps_fraction or video.fps
-            write_video(out_path, result.frames, fps, audio_from=input_path if keep_audio else None,
-                        crf=args.crf, lossless=args.lossless)
-            if png_folders:
-                write_frames_png(png_folders[outputs.index(out_path)], result.frames)
             print(f"{out_path}: {_summary(result, written_size(out_path))} (total {time.perf_counter() - t0:.1f} s)")
         return 0
 

@@ -69,12 +69,18 @@ class OutpaintResult:
     fps: float | None = None    # the input's frame rate (what the output is written at)
     steps: int = 0              # denoising steps per window
     source: object = None       # the input's path when known (its audio is kept by export_to_video)
+    frame_shape: tuple | None = None  # (N, H, W, 3) of the output; ``frames`` is None when they went to a sink
+
+    @property
+    def shape(self) -> tuple:
+        """``(N, H, W, 3)`` of the output frames (also when they were written to a sink, not kept)."""
+        return tuple(self.frames.shape) if self.frames is not None else tuple(self.frame_shape)
 
     def summary(self) -> str:
         g = self.geometry
+        n, oh, ow = self.shape[:3]
         what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows x {self.steps} steps"
-        return (f"{self.frames.shape[0]} frames {g.src_w}x{g.src_h} -> {self.frames.shape[2]}x{self.frames.shape[1]}, "
-                f"{what}, {self.seconds:.1f} s")
+        return f"{n} frames {g.src_w}x{g.src_h} -> {ow}x{oh}, {what}, {self.seconds:.1f} s"
 
 
 class Outpainter:
@@ -102,34 +108,48 @@ class Outpainter:
         return np.asarray(decode_video((self.vae_graphdef, self.vae_state), latents[None], self.config.vae_chunk)[0])
 
     # -- one video -----------------------------------------------------------------------------------
-    def __call__(self, frames: np.ndarray, fps: float, progress: bool | Callable = False) -> OutpaintResult:
-        """Outpaint uint8 ``frames (N, H, W, 3)``. ``progress``: False, True (a tqdm bar per denoising step
-        with an ETA, left on screen with the totals), or a callable ``progress(Progress)`` called after every
-        denoising step and window (a UI's hook; an exception raised from it stops the run at the end of the
-        current window and propagates)."""
+    def __call__(self, frames, fps: float, progress: bool | Callable = False,
+                 sink: Callable[[np.ndarray], None] | None = None) -> OutpaintResult:
+        """Outpaint uint8 ``frames (N, H, W, 3)``, or a lazy source of them (a
+        :class:`~m3ddm_jax.video.VideoReader`, or any object with ``num_frames``, ``height``, ``width`` and an
+        ``__iter__`` that yields the frames in order, afresh on every call): frames are read as a stream and kept
+        only at model resolution (a ``full_res`` run reads the source a second time while emitting). The two
+        give bit-identical results.
+
+        ``sink``: None (the result holds every output frame), or a function called with each output frame
+        ``(H, W, 3)`` in frame order as soon as it and all frames before it are final (the result's ``frames``
+        is then None; ``shape`` says what was emitted), e.g. :meth:`m3ddm_jax.video.VideoWriter.write`.
+        ``progress``: False, True (a tqdm bar per denoising step with an ETA, left on screen with the totals), or
+        a callable ``progress(Progress)`` called after every denoising step and window (a UI's hook; an exception
+        raised from it stops the run at the end of the current window and propagates)."""
         cfg = self.config
         t0 = time.perf_counter()
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-            raise ConfigError(f"expected uint8 frames (N, H, W, 3), got shape {frames.shape}")
-        if frames.dtype != np.uint8:
-            raise ConfigError(f"expected uint8 frames, got {frames.dtype}")
-        n, src_h, src_w = frames.shape[:3]
+        n, src_h, src_w = _source_shape(frames)
         g = make_geometry(src_h, src_w, ratio=cfg.ratio if cfg.pad is None else None, pad=cfg.pad,
                           output_size=cfg.output_size, canvas=cfg.canvas)
-        small = cv.resize_frames(frames, (g.frame_h, g.frame_w))
+        fhw = (g.frame_h, g.frame_w)
         if g.nothing_to_outpaint:
-            out = frames if cfg.full_res else self._crop_box(self._paste(small, g), g)
-            return OutpaintResult(np.ascontiguousarray(out), g, 0, time.perf_counter() - t0, copied=True, fps=fps)
+            emit = _Emitter(n, sink)
+            for i, f in enumerate(_frames_of(frames, n)):
+                emit.put(i, f if cfg.full_res else self._crop_box(self._paste(cv.resize_frames(f[None], fhw), g), g)[0])
+            return emit.result(g, 0, time.perf_counter() - t0, copied=True, fps=fps)
 
         key = jax.random.key(cfg.seed)
         k_global, k_eps0, k_windows = jax.random.split(key, 3)
         h, w = g.canvas_h // self.latent_factor, g.canvas_w // self.latent_factor
+        n_keep = min(n, cfg.limit) if cfg.limit else n
 
-        # Global frames: 16 evenly spaced source frames squashed to output_size squares, encoded once.
+        # One pass over the source: frames at model resolution (those that are outpainted) and the global frames,
+        # 16 evenly spaced source frames squashed to output_size squares.
         side = max(8, cfg.output_size // 8 * 8)
         gidx = global_frame_indices(n, cfg.num_global_frames)
-        glob = cv.resize_frames(frames[gidx], (side, side))
+        small = np.empty((n_keep, *fhw, 3), np.uint8)
+        glob = np.empty((len(gidx), side, side, 3), np.uint8)
+        for i, f in enumerate(_frames_of(frames, n)):
+            if i < n_keep:
+                small[i] = cv.resize_frames(f[None], fhw)[0]
+            for k in np.flatnonzero(gidx == i):
+                glob[k] = cv.resize_frames(f[None], (side, side))[0]
         global_latents = self.encode(cv.to_model_range(glob), k_global)
 
         windows = plan_windows(n, cfg.strides, fps=fps, limit=cfg.limit)
@@ -139,9 +159,15 @@ class Outpainter:
         m_lat = jnp.asarray(cv.latent_mask(mask, self.latent_factor), jnp.float32)
         latents = jnp.zeros((n_out, h, w, 4), jnp.float32)
         has_latent = np.zeros(n_out, bool)
-        out = np.zeros((n_out, g.out_h, g.out_w, 3), np.uint8) if not cfg.full_res else None
-        full = np.zeros((n_out, g.full_h, g.full_w, 3), np.uint8) if cfg.full_res else None
         black = np.full((1, g.canvas_h, g.canvas_w, 3), -1.0, np.float32)
+        # output frames leave in frame order (stride-1 windows run in frame order); --full-res re-reads the source
+        emit = _Emitter(n_keep, sink)
+        src_again = _frames_of(frames, n) if cfg.full_res else None
+
+        def finish(i: int, img: np.ndarray) -> np.ndarray:
+            if cfg.full_res:
+                return self._full_res(img, next(src_again), g)
+            return self._crop_box(img[None], g)[0]
 
         bar = ProgressReporter(progress, len(windows), self.denoiser.spec.num_calls, n_frames=min(n, cfg.limit or n))
         with bar, report_steps(bar.step_done):
@@ -161,20 +187,15 @@ class Outpainter:
                 if new:
                     latents = latents.at[idx[new]].set(z0[np.asarray(new)])
                     has_latent[idx[new]] = True
-                emit = [j for j in range(WINDOW) if wdw.emit[j]]
-                if emit:
-                    images = cv.to_uint8(self.decode(z0[np.asarray(emit)]))
-                    comp = cv.composite(images, masked_u8[emit], mask)
-                    for j, img in zip(emit, comp):
-                        if cfg.full_res:
-                            full[idx[j]] = self._full_res(img, frames[idx[j]], g)
-                        else:
-                            out[idx[j]] = self._crop_box(img[None], g)[0]
+                emit_j = [j for j in range(WINDOW) if wdw.emit[j]]
+                if emit_j:
+                    images = cv.to_uint8(self.decode(z0[np.asarray(emit_j)]))
+                    comp = cv.composite(images, masked_u8[emit_j], mask)
+                    for j, img in zip(emit_j, comp):
+                        emit.put(int(idx[j]), img, finish)
                 jax.block_until_ready(z0)  # every step of this window has reported
                 bar.window_done(wi)
-        n_keep = min(n, cfg.limit) if cfg.limit else n
-        result = (full if cfg.full_res else out)[:n_keep]
-        return OutpaintResult(result, g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
+        return emit.result(g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
 
     # -- output helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -203,6 +224,77 @@ class Outpainter:
         else:
             region[:] = source
         return big
+
+
+def _source_shape(frames) -> tuple[int, int, int]:
+    """``(N, H, W)`` of uint8 frames or of a lazy source (``num_frames``, ``height``, ``width``)."""
+    if all(hasattr(frames, a) for a in ("num_frames", "height", "width")) and not isinstance(frames, np.ndarray):
+        n, h, w = int(frames.num_frames), int(frames.height), int(frames.width)
+        if n < 1:
+            raise ConfigError("the video has no frames")
+        return n, h, w
+    arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+        raise ConfigError(f"expected uint8 frames (N, H, W, 3), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ConfigError(f"expected uint8 frames, got {arr.dtype}")
+    return arr.shape[:3]
+
+
+def _frames_of(frames, n: int):
+    """The frames one at a time, in order: ``(H, W, 3)`` views of an array, or one fresh pass over a source."""
+    if isinstance(frames, np.ndarray) or not hasattr(frames, "num_frames"):
+        arr = np.asarray(frames)
+        return iter(arr[i] for i in range(n))
+    def checked():
+        count = 0
+        for f in frames:
+            if count == n:
+                break
+            f = np.asarray(f)
+            if f.dtype != np.uint8 or f.shape != (frames.height, frames.width, 3):
+                raise ConfigError(f"source frame {count} is {f.dtype} {f.shape}, expected uint8 "
+                                  f"{(frames.height, frames.width, 3)}")
+            yield f
+            count += 1
+        if count < n:
+            raise ConfigError(f"the source gave {count} frames, {n} announced")
+    return checked()
+
+
+class _Emitter:
+    """Output frames in frame order: into an array (no sink) or to ``sink`` as soon as every earlier frame is out.
+    ``put(i, img, finish)`` takes frame ``i``'s canvas image; ``finish(i, img)`` (run in frame order, so it may
+    read the source sequentially) makes the output frame."""
+
+    def __init__(self, n: int, sink=None):
+        self.n, self.sink = n, sink
+        self.frames = None
+        self.shape = None
+        self.pending: dict[int, tuple] = {}
+        self.next = 0
+
+    def put(self, i: int, img: np.ndarray, finish=None) -> None:
+        if i < self.next or i in self.pending:
+            raise AssertionError(f"frame {i} emitted twice")
+        self.pending[i] = (img, finish)
+        while self.next in self.pending:
+            img, finish = self.pending.pop(self.next)
+            out = finish(self.next, img) if finish is not None else img
+            if self.shape is None:
+                self.shape = (self.n, *out.shape)
+                if self.sink is None:
+                    self.frames = np.zeros(self.shape, np.uint8)
+            if self.sink is None:
+                self.frames[self.next] = out
+            else:
+                self.sink(np.ascontiguousarray(out))
+            self.next += 1
+
+    def result(self, g: Geometry, windows: int, seconds: float, **kw) -> OutpaintResult:
+        if self.next != self.n or self.pending:  # cannot happen: the schedule emits every frame once
+            raise AssertionError(f"{self.next} of {self.n} frames emitted")
+        return OutpaintResult(self.frames, g, windows, seconds, frame_shape=self.shape, **kw)
 
 
 @dataclasses.dataclass
@@ -321,31 +413,35 @@ class M3DDMPipeline:
         return self._outpainters[cfg]
 
     def __call__(self, video, fps: float | None = None, *, ratio: str | None = "16:9", pad=None,
-                 num_inference_steps: int = 50, progress: bool | Callable = True, **config) -> OutpaintResult:
-        """Outpaint ``video``: a file path (video or image), a :class:`~m3ddm_jax.video.Video`, or uint8
-        frames ``(N, H, W, 3)`` with ``fps``. Keyword options are :class:`OutpaintConfig` fields
-        (``output_size``, ``seed``, ``guidance_scale``, ``global_guidance_scale``, ``strides``, ``canvas``,
-        ``full_res``, ``limit``, ...); ``pad=(left, right, top, bottom)`` replaces ``ratio``."""
+                 num_inference_steps: int = 50, progress: bool | Callable = True, sink=None, **config) -> OutpaintResult:
+        """Outpaint ``video``: a file path (video or image; decoded as a stream, see
+        :class:`~m3ddm_jax.video.VideoReader`), a :class:`~m3ddm_jax.video.VideoReader` or
+        :class:`~m3ddm_jax.video.Video`, or uint8 frames ``(N, H, W, 3)`` with ``fps``. Keyword options are
+        :class:`OutpaintConfig` fields (``output_size``, ``seed``, ``guidance_scale``, ``global_guidance_scale``,
+        ``strides``, ``canvas``, ``full_res``, ``limit``, ...); ``pad=(left, right, top, bottom)`` replaces
+        ``ratio``. ``sink``: a function taking each output frame in order (see :meth:`Outpainter.__call__`)."""
         import os  # noqa: PLC0415
 
-        from m3ddm_jax.video import Video, read_video  # noqa: PLC0415
+        from m3ddm_jax.video import Video, VideoReader  # noqa: PLC0415
 
         source = None
         if isinstance(video, (str, os.PathLike)):
-            video = read_video(video)
-        if isinstance(video, Video):
+            video = VideoReader(video)
+        if isinstance(video, (Video, VideoReader)):
             source = None if video.is_image else video.path
             fps = fps if fps is not None else (video.fps_fraction or video.fps)
-            frames = video.frames
+            frames = video.frames if isinstance(video, Video) else video
         else:
             frames = video
+            if fps is None:
+                fps = getattr(video, "fps", None)
             if fps is None:
                 raise ConfigError("fps is required when passing frames")
         if pad is not None:
             ratio = None
         op = self.outpainter(ratio=ratio, pad=tuple(pad) if pad is not None else None, steps=num_inference_steps,
                              **config)
-        result = op(frames, float(fps), progress=progress)
+        result = op(frames, float(fps), progress=progress, sink=sink)
         result.fps = fps
         result.source = source
         return result
