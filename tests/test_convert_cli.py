@@ -216,3 +216,40 @@ sys.exit(main(sys.argv[1:]))
     assert len(left) == 1 and left[0].startswith(".dst.partial-")  # only a dot-named temporary remains
     assert convert_main([str(TINY_VAE), str(dst)]) == 0
     assert [f.name for f in tmp_path.iterdir()] == ["dst"]  # the rerun removed the dead run's temporary
+
+
+ENOSPC = r"""
+import hashlib, json, shutil, subprocess, sys
+from pathlib import Path
+disk, src, prepared = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+shutil.copytree(prepared, disk / "dst")                  # an earlier conversion, on the small disk
+before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (disk / "dst").iterdir()}
+(disk / "filler").write_bytes(bytes(900_000 - 350_000))   # of 1 MiB: less room than the VAE's weights
+p = subprocess.run([sys.executable, "-m", "convert", src, str(disk / "dst"), "--overwrite"], capture_output=True, text=True)
+after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (disk / "dst").iterdir()}
+print(json.dumps({"rc": p.returncode, "err": p.stderr, "same": before == after,
+                  "top": sorted(f.name for f in disk.iterdir()), "dst": sorted(after)}))
+"""
+
+
+def test_real_full_disk_leaves_the_destination_untouched(tmp_path):
+    """ENOSPC for real: a 1 MiB tmpfs in a user namespace (skipped where unshare cannot mount one)."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no user-namespace tmpfs here (unshare -rm + mount); the RLIMIT_FSIZE test covers this")
+    assert convert_main([str(TINY_VAE), str(tmp_path / "prepared")]) == 0
+    cmd = (f"mount -t tmpfs -o size=1m tmpfs {disk} && cd {REPO} && "
+           f"{sys.executable} -c \"$0\" {disk} {TINY_VAE} {tmp_path / 'prepared'}")
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", cmd, ENOSPC], capture_output=True, text=True, timeout=600)
+    print(p.stdout, p.stderr)
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    err = got["err"].strip().splitlines()
+    assert got["rc"] == 1 and len(err) == 1 and "Traceback" not in got["err"]
+    assert err[0] == f"convert: error: cannot write {disk / 'dst'}: No space left on device"
+    assert got["same"] and got["dst"] == ["config.json", "flax_model.safetensors"]  # untouched, no temporary
+    assert got["top"] == ["dst", "filler"]
