@@ -177,6 +177,8 @@ def test_full_disk_leaves_no_partial_file_and_the_destination_untouched(tmp_path
     assert p.returncode == 1 and len(err) == 1 and "Traceback" not in p.stderr
     assert err[0].startswith("convert: error: cannot write") and "File too large" in err[0]
     assert _tree(dst) == before and not _leftovers(tmp_path)
+    if direction != "to_flax":
+        return
     # into a new folder: nothing is created
     p = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "new")] + args[3:], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
