@@ -1,10 +1,12 @@
 """Atomic writes: temporary dot-names beside the destination, the user's umask, no partial file left behind.
 
-Every writer of the project writes to ``.<name>.partial-<pid>-<random><suffix>`` in the destination's folder
+Every writer of the project writes to ``.<name>.partial-<pid>-<host>-<random><suffix>`` in the destination's folder
 and renames it over the destination only when the data is complete (flushed and fsynced), so the destination
 holds either its old content or the complete new one, never a partial file, whatever the failure (an
 exception, a full disk, SIGKILL). Only a killed process can leave its dot-named temporary behind; the next
-write to the same destination removes temporaries whose process is gone (:func:`clean_stale`).
+write to the same destination removes temporaries whose process is gone (:func:`clean_stale`; only those made
+on this machine, ``<host>`` being a short hash of its name, so a live writer elsewhere on a shared file system
+is never touched).
 
 Temporaries are created with mode ``0o666`` (files) / ``0o777`` (folders) minus the umask, like any file the
 user creates (``tempfile.mkstemp`` would give ``0o600``).
@@ -13,22 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 from m3ddm_jax.errors import CheckpointError, UserError
 
 MARK = ".partial-"
+# this machine, in temporaries' names: a pid is only checked on the machine that owns it (shared file systems)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def partial_name(dest: Path, suffix: str | None = None) -> Path:
     """A fresh temporary name for ``dest`` in its folder (keeps ``dest``'s suffix: some writers pick the
     format from it)."""
     suffix = dest.suffix if suffix is None else suffix
-    return dest.parent / f".{dest.name}{MARK}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    return dest.parent / f".{dest.name}{MARK}{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{suffix}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -52,8 +58,11 @@ def clean_stale(dest: Path) -> list[Path]:
     for p in entries:
         if not p.name.startswith(prefix):
             continue
-        pid = p.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        parts = p.name[len(prefix):].split("-")
+        if len(parts) < 3 or not parts[0].isdigit() or parts[1] != _HOST:
+            continue  # not ours, or another machine's (its pid means nothing here)
+        pid = int(parts[0])
+        if pid == os.getpid() or _pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
