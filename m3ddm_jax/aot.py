@@ -507,22 +507,17 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
     probe(2)
     while hi is None or hi - lo > 1:
         guess = None
-        if len(peaks) >= 2:
-            ks = sorted(peaks)
-            k1, k2 = ks[0], ks[-1]
+        if len(peaks) >= 2:  # the memory slope per batch step, from the smallest and largest fitting probes
+            k1, k2 = min(peaks), max(peaks)
             slope = (peaks[k2] - peaks[k1]) / (k2 - k1)
             if slope > 0:
                 guess = k1 + int((limit - peaks[k1]) // slope)
-        if hi is None:
-            k = max(guess or 0, 2 * lo) if guess is None or guess <= lo else guess
-            if k <= lo:
-                k = 2 * lo
-            if k * d > limit_steps * d:
+        if hi is None:  # no failure yet: the guess if it goes up, else doubling
+            k = guess if guess is not None and guess > lo else 2 * lo
+            if k > limit_steps:
                 break
-        else:
+        else:  # bisection, probing the guess first when it lies strictly inside
             k = guess if guess is not None and lo < guess < hi else (lo + hi) // 2
-        if k in peaks or (hi is not None and k >= hi):
-            k = (lo + hi) // 2 if hi is not None else 2 * lo
         probe(k)
     return best[0] * d, best[1], tried
 

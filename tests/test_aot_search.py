@@ -1,0 +1,67 @@
+"""``m3ddm_jax.aot.max_batch`` (the search over compile results) and the one-line error, without a compiler:
+a fake program whose memory is linear (or not) in the batch."""
+from __future__ import annotations
+
+import pytest
+
+from m3ddm_jax import aot
+
+GIB = 2**30
+
+
+class FakeProgram:
+    what = "train"
+
+    def __init__(self, divisor, fixed_gib, per_clip_gib, limit_gib=15.75, bump=None):
+        self.divisor, self.fixed, self.per, self.limit, self.bump = divisor, fixed_gib, per_clip_gib, limit_gib, bump
+        self.compiled = []
+
+    def need(self, batch):
+        extra = self.bump(batch) if self.bump else 0.0
+        return (self.fixed + self.per * batch + extra) * GIB
+
+    def compile(self, batch):
+        self.compiled.append(batch)
+        need = self.need(batch)
+        if need > self.limit * GIB:
+            raise aot.DoesNotFitError(f"train (batch {batch}) does not fit on v5e:2x4 (TPU v5e): needs "
+                                      f"{need / GIB:.2f} GiB per device, limit {self.limit:.2f} GiB",
+                                      need, self.limit * GIB)
+        return aot.CompileResult(topology="v5e:2x4", what="train", batch=batch, devices=8, argument_bytes=int(need),
+                                 output_bytes=0, alias_bytes=0, temp_bytes=0, flops=1e12, compile_s=0.0,
+                                 limit_bytes=self.limit * GIB, peak_tflops=197.0)
+
+
+def brute_force(p: FakeProgram) -> int:
+    k = 0
+    while p.need((k + 1) * p.divisor) <= p.limit * GIB:
+        k += 1
+    return k * p.divisor
+
+
+@pytest.mark.parametrize("divisor,fixed,per,bump", [
+    (8, 3.0, 0.11, None),                                  # linear: the slope's guess is right
+    (8, 3.0, 0.11, lambda b: 0.9 * (b > 64)),              # a step the slope does not see
+    (4, 1.0, 0.013, lambda b: 1e-4 * b * b),               # superlinear: the guess overshoots
+    (8, 15.0, 0.05, None),                                 # only the smallest batch fits
+])
+def test_max_batch_finds_the_largest_fitting_batch(divisor, fixed, per, bump):
+    p = FakeProgram(divisor, fixed, per, bump=bump)
+    batch, res, tried = aot.max_batch(p, log=lambda s: None)
+    assert batch == brute_force(p) and res.batch == batch
+    assert len(p.compiled) <= 12  # far fewer compiles than a linear scan
+    assert any(b == batch + divisor and not ok for b, ok, _ in tried)  # the next batch was seen to fail
+
+
+def test_max_batch_nothing_fits():
+    p = FakeProgram(8, 16.0, 0.1)
+    batch, res, tried = aot.max_batch(p, log=lambda s: None)
+    assert (batch, res) == (0, None) and tried == [(8, False, pytest.approx(16.8 * GIB))]
+
+
+def test_compile_result_numbers():
+    r = aot.CompileResult(topology="v5e:2x4", what="train", batch=8, devices=8, argument_bytes=3 * GIB,
+                          output_bytes=3 * GIB, alias_bytes=3 * GIB, temp_bytes=5 * GIB, flops=1.97e14,
+                          compile_s=1.0, limit_bytes=15.75 * GIB, peak_tflops=197.0)
+    assert r.peak_bytes == 8 * GIB and r.step_lower_bound_s == pytest.approx(1.0)
+    assert "peak 8.00 GiB of 15.75 GiB" in r.summary()
