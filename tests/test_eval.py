@@ -3,6 +3,7 @@ table, end to end (tiny fixture U-Net, random LPIPS / I3D weights), resume, and 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def env(tmp_path_factory):
     weights.mkdir()
     (weights / "unet").symlink_to(TINY_UNET)
     (weights / "vae").symlink_to(TINY_VAE)
+    SUBPROCESS_ENV["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-cache")
     return {"root": root, "davis": write_fake_davis(root), "weights": weights, **write_metric_weights(root)}
 
 
@@ -108,8 +110,14 @@ def eval_cmd(env, out: Path | None, *extra: str, data: Path | None = None, seque
             f"--config.metrics.fvd_weights={env['i3d']}", "--config.metrics.fvd_size=112", *extra]
 
 
-def run(cmd, timeout=600, cwd=REPO):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+# eval.py subprocesses share a persistent compilation cache (in the module's tmp folder, set by `env`): only the
+# first process compiles a shape, the others load the same executables (same numbers, a fraction of the time)
+SUBPROCESS_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run(cmd, timeout=600, cwd=REPO, extra_env=None):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **SUBPROCESS_ENV, **(extra_env or {})})
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -521,12 +529,9 @@ def test_eval_killed_mid_write_then_rerun_writes_same_table(env, light, tmp_path
     """SIGKILL halfway through writing the second row (fault injection: M3DDM_JAX_FAULT), then a rerun: no half
     row was ever visible, the rerun scores only the missing video, and per_video.jsonl/.csv, summary.md/.json
     and the FVD features are byte-identical to the uninterrupted run's."""
-    import os
-
     out = tmp_path / "out"
     cmd = eval_cmd(env, out, *LIGHT)
-    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                            env={**os.environ, "M3DDM_JAX_FAULT": "per_video.jsonl:2"})
+    killed = run(cmd, extra_env={"M3DDM_JAX_FAULT": "per_video.jsonl:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     lines = (out / "per_video.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["sequence"] == SEQS[0]
@@ -574,8 +579,6 @@ def test_digest_cache_hashes_content_once(tmp_path):
     """Weight files are identified by sha256 of their bytes, cached per path/size/mtime/ctime/inode: a rerun
     reads the cache instead of rehashing, a file rewritten in place (same size) is hashed anew."""
     import hashlib
-    import os
-
     from m3ddm_jax.metrics.weights import DigestCache
 
     f = tmp_path / "w.bin"
@@ -602,3 +605,26 @@ def test_digest_cache_hashes_content_once(tmp_path):
     assert DigestCache().folder(folder) == d1
     (folder / "config.json").write_text('{"a": 1}')
     assert DigestCache().folder(folder) != d1
+
+
+def test_store_write_failure_keeps_old_rows(tmp_path, monkeypatch):
+    """A write that fails (here: a full disk at fsync) is one UserError line; the previous per_video.jsonl is
+    kept whole and no temporary file is left."""
+    import errno
+    from m3ddm_jax.metrics.report import Store
+
+    store = Store(tmp_path)
+    store.add({"id": "a", "mse": 0.5})
+    before = (tmp_path / "per_video.jsonl").read_bytes()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "per_video.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask  # the user's umask, not 0600
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match=r"cannot write .*per_video\.jsonl: No space left on device"):
+        store.add({"id": "b", "mse": 0.25})
+    assert (tmp_path / "per_video.jsonl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_video.jsonl"]

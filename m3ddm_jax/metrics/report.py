@@ -30,6 +30,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+from m3ddm_jax.errors import UserError
 from m3ddm_jax.metrics.protocol import FRAME_METRICS, get_protocol, metric_names
 
 DATASET_LABELS = {"davis": "", "davis_static": " Static"}
@@ -75,8 +76,9 @@ def write_bytes_atomic(path: Path, data: bytes, *, skip_same: bool = False) -> b
                 return False
         except OSError:
             pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             _maybe_fault(path.name, f, data)
@@ -84,8 +86,10 @@ def write_bytes_atomic(path: Path, data: bytes, *, skip_same: bool = False) -> b
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line, the old file kept
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return True
 
