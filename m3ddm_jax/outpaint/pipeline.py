@@ -195,6 +195,8 @@ class Outpainter:
                         emit.put(int(idx[j]), img, finish)
                 jax.block_until_ready(z0)  # every step of this window has reported
                 bar.window_done(wi)
+        if src_again is not None:
+            src_again.close()  # a --limit run stops reading early: close the file now
         return emit.result(g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
 
     # -- output helpers ---------------------------------------------------------------------------------
