@@ -6,8 +6,10 @@ first and run while the in-process tests use one shared compiled step (tiny conf
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -229,7 +231,7 @@ def test_corrupt_video_skipped_and_counted(overfit):
     assert len(overfit.losses) == 60
 
 
-def test_resume_is_exact(dataset, tmp_path):
+def test_resume_is_exact(dataset, tmp_path, caplog):
     from m3ddm_jax.train.trainer import Trainer
 
     c = tiny_config(dataset, train__steps=6, checkpoint__every=1000)
@@ -241,8 +243,12 @@ def test_resume_is_exact(dataset, tmp_path):
     h1 = first.run(stop_at=3)
     first.close()
     assert first.step == 3
-    second = Trainer(c, tmp_path / "resumed")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        second = Trainer(c, tmp_path / "resumed")
     assert second.restored_step == 3
+    # orbax restores every item through its own handler: no "could not be restored" warnings (issue 11)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     h2 = second.run()
     second.close()
 
@@ -293,3 +299,184 @@ def test_cli_end_to_end(background):
 
     cfg, flat = load_unet_flat(exp)  # the converter reads the exported PyTorch layout back
     assert cfg.block_out_channels == (8, 12) and len(flat) > 100
+
+
+# -- config values, checkpoints (issue 11) --------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,want", [
+    ("checkpoint.every", 0, "checkpoint.every must be >= 1, got 0"),
+    ("log.every", 0, "log.every must be >= 1, got 0"),
+    ("train.steps", -3, "train.steps must be >= 1, got -3"),
+    ("train.grad_accum", 0, "train.grad_accum must be >= 1"),
+    ("val.every", -1, "val.every must be >= 0 (0 = never), got -1"),
+    ("data.worker_count", -2, "data.worker_count must be >= 0"),
+    ("optim.name", "sgd", "optim.name must be one of adam, adamw, got 'sgd'"),
+    ("optim.b1", 1.0, "optim.b1 must be in [0, 1), got 1.0"),
+    ("optim.eps", float("nan"), "optim.eps must be a number, got nan"),
+    ("mask.drop_local", 1.5, "mask.drop_local must be in [0, 1], got 1.5"),
+    ("model.compute_dtype", "fp8", "model.compute_dtype must be one of float32, fp32, bfloat16"),
+    ("model.attention_impl", "flash", "model.attention_impl must be one of xla, dot_product, cudnn"),
+    ("export.format", "pt", "export.format must be one of safetensors, bin, got 'pt'"),
+    ("mask.probs", ("foo",), "mask.probs must be a tuple of numbers"),
+    ("data.crop_ratio", (0.75,), "data.crop_ratio must be a tuple of 2 numbers, got (0.75,)"),
+])
+def test_check_config_rejects_bad_values(dataset, field, value, want):
+    from m3ddm_jax.errors import ConfigError
+    from m3ddm_jax.train.trainer import check_config
+
+    check_config(tiny_config(dataset))  # the shipped config passes
+    c = tiny_config(dataset)
+    section, leaf = field.split(".")
+    with c.unlocked() if hasattr(c, "unlocked") else contextlib.nullcontext():
+        c[section][leaf] = value
+    with pytest.raises(ConfigError) as e:
+        check_config(c)
+    assert str(e.value).startswith(want) and "\n" not in str(e.value), str(e.value)
+
+
+def _small_state(v: int) -> dict:
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(v)
+    return {"params": {"w": jnp.asarray(rng.normal(size=(64, 48)).astype(np.float32)),
+                       "b": jnp.asarray(rng.normal(size=(48,)).astype(np.float32)).astype(jnp.bfloat16)},
+            "step": jnp.int32(v), "ema": None, "rng": jax.random.key_data(jax.random.key(v))}
+
+
+def _target(state: dict) -> dict:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {k: (None if v is None else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), v))
+            for k, v in state.items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "metadata"])
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, damage):
+    """A damaged newest step: restore warns, sets it aside as <step>.corrupt and resumes from the previous
+    step; the step can be saved again. A flipped byte in array data is restored silently by orbax: the
+    checksums recorded at save time catch it."""
+    from m3ddm_jax.train.checkpoint import Checkpointer
+
+    s1, s2 = _small_state(1), _small_state(2)
+    ck = Checkpointer(tmp_path)
+    ck.save(1, s1, b'{"pos": 1}', {"step": 1})
+    ck.save(2, s2, b'{"pos": 2}', {"step": 2})
+    ck.close()
+    if damage == "flip":
+        _flip(_largest_array_file(tmp_path / "2"))
+    elif damage == "truncate":
+        _truncate(_largest_array_file(tmp_path / "2"))
+    else:
+        _truncate(tmp_path / "2" / "state" / "_METADATA")
+    caplog.clear()
+    ck = Checkpointer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        state, data, meta = ck.restore(_target(s1))
+    assert meta["step"] == 1 and data == b'{"pos": 1}' and _same(state, s1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    mine = [w for w in warnings if w.startswith(f"cannot restore checkpoint {tmp_path / '2'}")]
+    assert len(mine) == 1 and mine[0].endswith("moved aside to 2.corrupt; resuming from step 1 instead"), warnings
+    if damage == "flip":
+        assert "checksum mismatch in 1 array(s) (params/w)" in mine[0]
+    assert not [w for w in warnings if "could not be restored" in w]
+    assert (tmp_path / "2.corrupt").is_dir() and ck.all_steps() == [1]
+    ck.save(2, s2, b'{"pos": 2}', {"step": 2})  # the step number is free again
+    ck.wait()
+    state, data, meta = ck.restore(_target(s2))
+    assert meta["step"] == 2 and _same(state, s2)
+    ck.close()
+
+
+def test_every_checkpoint_corrupt_is_one_error_and_nothing_moved(tmp_path):
+    from m3ddm_jax.errors import CheckpointError
+    from m3ddm_jax.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path)
+    for v in (1, 2):
+        ck.save(v, _small_state(v), None, {"step": v})
+    ck.close()
+    for v in (1, 2):
+        _flip(_largest_array_file(tmp_path / str(v)))
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(CheckpointError) as e:  # never a silent restart from scratch
+        ck.restore(_target(_small_state(1)))
+    assert str(e.value).startswith(f"no readable checkpoint in {tmp_path} (tried steps 2, 1; newest: ")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # nothing moved when nothing restores
+    ck.close()
+
+
+def test_checkpoint_without_checksums_restores(tmp_path):
+    """Checkpoints written before checksums existed (meta without them) restore unchanged."""
+    import orbax.checkpoint as ocp
+
+    from m3ddm_jax.train.checkpoint import Checkpointer, _without_none
+
+    s1 = _small_state(1)
+    mgr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    mgr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(_without_none(s1)),
+                                        meta=ocp.args.JsonSave({"step": 1})))
+    mgr.wait_until_finished()
+    mgr.close()
+    ck = Checkpointer(tmp_path)
+    state, data, meta = ck.restore(_target(s1))
+    assert meta == {"step": 1} and data is None and _same(state, s1)
+    ck.close()
+
+
+def test_killed_save_leaves_no_step(tmp_path):
+    """A save killed before orbax's final rename leaves only a temporary folder: not a step, and removed when
+    the next Checkpointer starts."""
+    from m3ddm_jax.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path)
+    ck.save(1, _small_state(1), None, {"step": 1})
+    ck.close()
+    partial = tmp_path / "2.orbax-checkpoint-tmp-1234567890"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "_METADATA").write_text('{"tree_metadata": {')
+    ck = Checkpointer(tmp_path)
+    assert ck.latest_step() == 1
+    ck.wait()
+    state, _, meta = ck.restore(_target(_small_state(1)))
+    assert meta["step"] == 1
+    ck.close()
+    assert not partial.exists()
+
+
+def test_state_checksums_see_every_change():
+    from m3ddm_jax.train.checkpoint import state_checksums
+
+    s = _small_state(3)
+    base = state_checksums(s)
+    assert set(base) == {"params/w", "params/b", "step", "rng"}
+    w = np.asarray(s["params"]["w"]).copy()
+    flipped = w.view(np.uint32).copy()
+    flipped[5, 7] ^= 1  # one bit of one element
+    swapped = w.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
+    for changed in (flipped.view(np.float32), swapped):
+        t = dict(s, params=dict(s["params"], w=jax.numpy.asarray(changed)))
+        now = state_checksums(t)
+        assert now["params/w"] != base["params/w"] and now["params/b"] == base["params/b"]
+    assert state_checksums(_small_state(3)) == base  # deterministic

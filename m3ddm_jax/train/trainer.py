@@ -41,6 +41,75 @@ def _dtype(name: str):
         raise ConfigError(f"unknown dtype {name!r} (float32, bfloat16, float16)") from None
 
 
+# -- config values --------------------------------------------------------------------------------------
+
+# (field, kind, lower bound or None, description of the bound): checked before anything is built, so a bad
+# value is one line naming the field instead of a traceback (or a ZeroDivisionError) after minutes of compiling
+_CHECKS = (
+    ("seed", int, None, ""),
+    ("train.steps", int, 1, ">= 1"), ("train.batch_size", int, 1, ">= 1"), ("train.grad_accum", int, 1, ">= 1"),
+    ("checkpoint.every", int, 1, ">= 1"), ("checkpoint.keep", int, 1, ">= 1"), ("log.every", int, 1, ">= 1"),
+    ("val.every", int, 0, ">= 0 (0 = never)"), ("val.batches", int, 1, ">= 1"), ("val.batch_size", int, 0, ">= 0"),
+    ("preview.every", int, 0, ">= 0 (0 = off)"), ("preview.frames", int, 1, ">= 1"), ("preview.steps", int, 2, ">= 2"),
+    ("preview.output_size", int, 8, ">= 8"), ("data.worker_count", int, 0, ">= 0"),
+    ("data.worker_buffer_size", int, 1, ">= 1"), ("data.max_retries", int, 0, ">= 0"),
+    ("data.num_frames", int, 1, ">= 1"), ("data.num_global_frames", int, 1, ">= 1"), ("data.size", int, 8, ">= 8"),
+    ("data.global_size", int, 8, ">= 8"), ("data.max_stride", int, 1, ">= 1"), ("data.min_frames", int, 1, ">= 1"),
+    ("sharding.min_shard_elements", int, 0, ">= 0"),
+    ("optim.lr", float, None, ""), ("optim.b1", float, 0.0, "in [0, 1)"), ("optim.b2", float, 0.0, "in [0, 1)"),
+    ("optim.eps", float, 0.0, ">= 0"), ("optim.weight_decay", float, 0.0, ">= 0"),
+    ("optim.clip_norm", float, 0.0, ">= 0 (0 = off)"), ("optim.warmup_steps", int, 0, ">= 0"),
+    ("optim.ema_decay", float, 0.0, "in [0, 1)"), ("model.attention_budget_mib", float, None, ""),
+    ("mask.p_frame", float, 0.0, "in [0, 1]"), ("mask.drop_local", float, 0.0, "in [0, 1]"),
+    ("mask.drop_global", float, 0.0, "in [0, 1]"), ("preview.crop_ratio", float, 0.0, "in [0, 1)"),
+)
+_UPPER = {"optim.b1": (1.0, False), "optim.b2": (1.0, False), "optim.ema_decay": (1.0, False),
+          "mask.p_frame": (1.0, True), "mask.drop_local": (1.0, True), "mask.drop_global": (1.0, True),
+          "preview.crop_ratio": (1.0, False)}
+_NUMBER_TUPLES = (("mask.probs", None), ("mask.width_range", 2), ("mask.frame_case_probs", 3), ("data.crop_scale", 2),
+                  ("data.crop_ratio", 2))
+_CHOICES = (("optim.name", ("adam", "adamw")), ("model.attention_impl", ("xla", "dot_product", "cudnn")),
+            ("export.format", ("safetensors", "bin")), ("model.compute_dtype", tuple(_DTYPES) + ("none", "")),
+            ("model.vae_compute_dtype", tuple(_DTYPES) + ("none", "")), ("export.dtype", tuple(_DTYPES) + ("none", "")))
+
+
+def _field(config, dotted: str):
+    node = config
+    for k in dotted.split("."):
+        node = node[k]
+    return node
+
+
+def check_config(config) -> None:
+    """A :class:`ConfigError` (one line naming the field, the value and what it takes) for a value of the
+    wrong type or out of range. Field-specific rules (mask probabilities, mesh shape, ...) stay where the field
+    is used; this covers the counters, rates and enumerations every run reads."""
+    for dotted, kind, lo, what in _CHECKS:
+        value = _field(config, dotted)
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok_type = ok_type and float(value).is_integer()
+        if not ok_type or not math.isfinite(float(value)):
+            raise ConfigError(f"{dotted} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        hi, hi_incl = _UPPER.get(dotted, (None, True))
+        if (lo is not None and value < lo) or (hi is not None and (value > hi or (value == hi and not hi_incl))):
+            raise ConfigError(f"{dotted} must be {what}, got {value!r}")
+    for dotted, n in _NUMBER_TUPLES:
+        value = _field(config, dotted)
+        items = tuple(value) if isinstance(value, (tuple, list)) else None
+        if items is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items) or (
+                n is not None and len(items) != n):
+            size = f"{n} numbers" if n else "numbers"
+            raise ConfigError(f"{dotted} must be a tuple of {size}, e.g. {dotted}='(0.3,0.55,0.15)', got {value!r}"
+                              if dotted == "mask.probs" else f"{dotted} must be a tuple of {size}, got {value!r}")
+    for dotted, choices in _CHOICES:
+        value = _field(config, dotted)
+        key = str(value).lower() if isinstance(value, str) or value is None else value
+        if key not in choices and not (value is None and "none" in choices):
+            shown = [c for c in choices if c not in ("none", "")]
+            raise ConfigError(f"{dotted} must be one of {', '.join(shown)}, got {value!r}")
+
+
 # -- config -> parts --------------------------------------------------------------------------------------
 
 def step_config(config) -> StepConfig:
@@ -189,6 +258,7 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir)
         self.is_main = jax.process_index() == 0
+        check_config(config)
         if not str(config.data.dir or ""):
             raise ConfigError("no video folder: pass --config.data.dir=PATH")
         self.step_cfg = step_config(config)
@@ -246,6 +316,12 @@ class Trainer:
         self.restored_step = None
         if self.ckpt.latest_step() is not None:
             self.restore()
+        # rows logged after the step training continues from (by a run that was killed or stopped before its
+        # next checkpoint) are superseded: they are about to be logged again, from the same state
+        dropped = self.writer.rewind(self.step if self.restored_step is not None else None)
+        if dropped:
+            self._info(f"metrics.jsonl: {dropped} row(s) logged after step {self.step} by an interrupted run moved "
+                       f"to {self.writer.superseded_name}")
 
     # -- building ------------------------------------------------------------------------------------
     def _build_steps(self, shapes):
@@ -292,6 +368,8 @@ class Trainer:
         self.ckpt.save(self.step, self.state, self.train_iter.get_state(), meta, force=force)
 
     def restore(self, step: int | None = None) -> None:
+        """Restore ``step`` (default: the newest readable checkpoint; an unreadable newer one is set aside with
+        a warning, see :meth:`Checkpointer.restore`)."""
         target = {k: (None if v is None else abstract_like(v, self.state_sh[k])) for k, v in self.state.items()}
         state, data_state, meta = self.ckpt.restore(target, step)
         self.state = state
