@@ -11,6 +11,8 @@ one 64x64 canvas, so one compiled sampler serves the whole module.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -116,13 +118,22 @@ CORPUS = {
 def corpus(tmp_path_factory):
     """name -> path, or the reason the input could not be built here (an encoder this FFmpeg lacks)."""
     d = tmp_path_factory.mktemp("corpus")
-    out = {}
-    for name, (_, build, _) in CORPUS.items():
-        try:
-            out[name] = build(d)
-        except Exception as e:  # noqa: BLE001  e.g. an encoder missing from this FFmpeg build
-            out[name] = f"cannot build here: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return out
+    return {name: _build_isolated(name, d) for name in CORPUS}
+
+
+def _build_isolated(name: str, d: Path):
+    """Build one corpus input in a child process: some encoders (libx265 in a process full of XLA threads)
+    abort() the whole interpreter instead of raising, which must not take the test session down."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+            f"import test_inputs as t; print(t.CORPUS[{name!r}][1](Path({str(d)!r})))")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "cannot build here: the encoder timed out"
+    if p.returncode != 0:  # e.g. an encoder missing from this FFmpeg build
+        why = [ln for ln in p.stderr.strip().splitlines() if ln.strip()] or [f"exit code {p.returncode}"]
+        return f"cannot build here: {why[-1][:200]}"
+    return Path(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
