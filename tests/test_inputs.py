@@ -114,26 +114,52 @@ CORPUS = {
 }
 
 
+BUILDER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_inputs as t
+for name in sys.argv[3:]:
+    print("START", name, flush=True)
+    try:
+        path = t.CORPUS[name][1](Path(sys.argv[2]))
+        print("OK", name, path, flush=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print("FAIL", name, f"{type(e).__name__}: {msg}", flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """name -> path, or the reason the input could not be built here (an encoder this FFmpeg lacks)."""
+    """name -> path, or the reason the input could not be built here (an encoder this FFmpeg lacks). Built in a
+    subprocess: an encoder that crashes (libx265 under this process's malloc settings, see
+    m3ddm_jax.runtime.tune_malloc) costs its own input only, never the test run."""
+    import subprocess
+    import sys
+
     d = tmp_path_factory.mktemp("corpus")
-    return {name: _build_isolated(name, d) for name in CORPUS}
-
-
-def _build_isolated(name: str, d: Path):
-    """Build one corpus input in a child process: some encoders (libx265 in a process full of XLA threads)
-    abort() the whole interpreter instead of raising, which must not take the test session down."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
-            f"import test_inputs as t; print(t.CORPUS[{name!r}][1](Path({str(d)!r})))")
-    try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return "cannot build here: the encoder timed out"
-    if p.returncode != 0:  # e.g. an encoder missing from this FFmpeg build
-        why = [ln for ln in p.stderr.strip().splitlines() if ln.strip()] or [f"exit code {p.returncode}"]
-        return f"cannot build here: {why[-1][:200]}"
-    return Path(p.stdout.strip().splitlines()[-1])
+    out: dict[str, Path | str] = {}
+    todo = list(CORPUS)
+    while todo:
+        r = subprocess.run([sys.executable, "-c", BUILDER, str(Path(__file__).parent), str(d), *todo],
+                           capture_output=True, text=True, timeout=600)
+        current = None
+        for line in r.stdout.splitlines():
+            kind, name, *why = line.split(" ", 2)
+            if kind == "START":
+                current = name
+            elif kind == "OK":
+                out[name], current = Path(why[0]), None
+            elif kind == "FAIL":
+                out[name], current = f"cannot build here: {why[0] if why else ''}", None
+        if current is not None:  # the builder died on this input
+            last = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            out[current] = f"cannot build here: encoder crashed: {last}"
+        todo = [n for n in CORPUS if n not in out]
+        if current is None and todo:
+            raise AssertionError(f"corpus builder stopped early: {r.stderr[-2000:]}")
+    return out
 
 
 @pytest.fixture(scope="module")
