@@ -1,7 +1,7 @@
 """Real-world inputs (issue 11, item 3): a corpus built here with PyAV, each input run through infer.py.
 
-Rotated phone clips (display matrix 90/180/270) come out upright; variable frame rate, 10-bit (HEVC, VP9),
-AV1, 4:4:4, 4K, 1- and 2-frame videos work; an audio-only file and a zero-length file give one line on stderr
+Rotated phone clips (display matrix 90/180/270) come out upright; variable frame rate, 10-bit (HEVC, AV1,
+FFV1), VP9, 4:4:4, 4K, 1- and 2-frame videos work; an audio-only file and a zero-length file give one line on stderr
 and exit 1, no traceback. The outcome of each input is printed as a table line (``pytest -s`` shows it).
 Codecs this FFmpeg build cannot encode are reported as skipped in the table, not silently dropped.
 
@@ -134,10 +134,8 @@ for name in sys.argv[3:]:
 def corpus(tmp_path_factory):
     """name -> path, or the reason the input could not be built here (an encoder this FFmpeg lacks). Built in a
     subprocess: an encoder that crashes (libx265 under this process's malloc settings, see
-    m3ddm_jax.runtime.tune_malloc) costs its own input only, never the test run."""
-    import subprocess
-    import sys
-
+    m3ddm_jax.runtime.tune_malloc, or in a process full of XLA threads: it abort()s instead of raising) costs its
+    own input only, never the test session. One child builds them all; if it dies, the next one goes on."""
     d = tmp_path_factory.mktemp("corpus")
     out: dict[str, Path | str] = {}
     todo = list(CORPUS)
