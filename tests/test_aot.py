@@ -97,7 +97,7 @@ def test_mid_inference_window_compiles_for_v5e8(v5e8, mid_config_json):
 def test_full_size_that_does_not_fit_is_one_line(capsys):
     """fp32, four guidance rows, unchunked attention, one v5e chip: the CLI's one-line error."""
     rc = aot.main(["--topology", "v5e:1x1", "--what", "infer", "--dtype", "float32", "--rows", "4",
-                   "--attention-budget-mib", "none", "--steps", "1"])
+                   "--attention-budget-mib", "none", "--steps", "2"])
     err = capsys.readouterr().err.strip()
     print(f"\n{err}")
     assert rc == 1
