@@ -456,7 +456,9 @@ class InferProgram:
                      jax.ShapeDtypeStruct((global_frames, global_size // 8, global_size // 8, 4), f32, sharding=rep),
                      jax.ShapeDtypeStruct((), f32, sharding=rep))
         self.jitted = jax.jit(fn, in_shardings=(state_sh,) + (rep,) * 7, out_shardings=rep, donate_argnums=(1,))
-        budget = "" if attention_impl != "xla" else f" (score budget {attention_budget_mib} MiB)"
+        budget = ("" if attention_impl != "xla" else " unchunked" if attention_budget_mib is None
+                  else f" chunked ({attention_budget_mib} score budget)" if attention_budget_mib == "auto"
+                  else f" chunked ({attention_budget_mib:g} MiB score budget)")
         self.settings = (f"{rows} guidance rows, {frames} frames at {size} px, {global_frames} global frames, "
                          f"{dtype} params+compute, attention {attention_impl}{budget}, {steps} {sampler} steps")
 
