@@ -10,6 +10,7 @@ The public face (every name below is a function or class; subpackages keep their
 
 * :class:`M3DDMPipeline` - ``from_pretrained(weights)``, then call it on a video path, a Video or frames;
 * :func:`export_to_video` - write a result as MP4 (source frame rate and audio kept), :func:`load_video`;
+  :class:`VideoReader` / :class:`VideoWriter` - a lazy source and a frame-by-frame writer (flat memory);
 * :class:`Outpainter` / :class:`OutpaintConfig` / :class:`OutpaintResult` - the engine under the pipeline;
 * :func:`outpaint_video` - one-call form over frames; :func:`load_models`, :func:`load_unet`, :func:`load_vae`.
 """
@@ -28,6 +29,8 @@ _EXPORTS = {
     "outpaint_video": "m3ddm_jax.outpaint.pipeline",
     "export_to_video": "m3ddm_jax.video",
     "load_video": "m3ddm_jax.video",
+    "VideoReader": "m3ddm_jax.video",
+    "VideoWriter": "m3ddm_jax.video",
     "load_unet": "m3ddm_jax.interop.unet",
     "load_vae": "m3ddm_jax.interop.vae",
     "load_models": "m3ddm_jax.weights",

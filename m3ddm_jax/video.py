@@ -649,6 +649,9 @@ def export_to_video(video, output_path: str | os.PathLike, fps: float | Fraction
     Returns the written path.
     """
     frames = getattr(video, "frames", video)
+    if frames is None:
+        raise ValueError("this result's frames went to a sink (sink=...) and were not kept; write them with the "
+                         "sink (e.g. VideoWriter) instead of export_to_video")
     source = getattr(video, "source", None) if hasattr(video, "source") else getattr(video, "path", None)
     if fps is None:
         fps = getattr(video, "fps_fraction", None) or getattr(video, "fps", None)
