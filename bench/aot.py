@@ -13,6 +13,10 @@ with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 
 rows search the largest global batch that compiles; ``batch N`` rows compile one batch. Inference rows: one
 window, 50 PLMS steps, 16 frames at 256 px (32x32 latents), 16 global frames, on ONE chip.
 
+Cost on the host: the full-size inference window took 597 s of CPU (6.7 GiB resident); the
+full-size v5e-8 training compile had not finished after 19 CPU minutes and 14 GiB resident on a 2-core,
+24 GiB host, so run the training rows on a larger machine (>= 32 GiB RAM, many cores).
+
 Columns: per-device peak (arguments + outputs - aliased + temporaries) and the compiler's limit, FLOPs per
 device (XLA cost analysis; a ``fori_loop``/``lax.map`` body counts once, so inference FLOPs are per
 denoising step), the step-time lower bound (FLOPs / the chip's bf16 peak), and for training the loader
