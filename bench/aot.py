@@ -95,7 +95,8 @@ def table(out: Path, clips_per_worker: float) -> str:
             workers = str(math.ceil(need))
         compile_s = r["compile_s"]
         if "tried" in r:
-            compile_s = f"{compile_s:.0f} (search: {', '.join(f'{b}:{'ok' if ok else 'no'}' for b, ok, _ in r['tried'])})"
+            search = ", ".join(f"{b}:{'ok' if ok else 'no'}" for b, ok, _ in r["tried"])
+            compile_s = f"{compile_s:.0f} (search: {search})"
         else:
             compile_s = f"{compile_s:.0f}"
         rows.append(f"| {name} | {topo} | {r['what']}: {r['settings']} | {_gib(r['peak_bytes'])} / "
