@@ -408,12 +408,12 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # no INFO chatter from JAX's backend probing
     if len(argv) > 1:
         print(f"{PROG}: error: unexpected arguments {' '.join(argv[1:])} (options are --config.FIELD=VALUE)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     try:
         cfg = checked_config(_CONFIG.value)  # a config file that failed to load reports here
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     if _PRINT_CONFIG.value:
         from absl import flags  # noqa: PLC0415
 
@@ -441,7 +441,7 @@ def define_flags() -> None:
                                                   "evaluation config file (ml_collections)", lock_config=True)
     except CONFIG_ERRORS as e:
         print(f"{PROG}: error: {config_error_message(e, sys.argv)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

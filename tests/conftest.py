@@ -6,7 +6,13 @@ repository is read.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The suite is a CPU suite. With libtpu installed (extra tpu-aot, for the TPU-compiler tests) JAX would probe for
+# a TPU in every process it starts, printing libtpu warnings to stderr (which the one-line-error tests read);
+# the AOT tests reach the TPU compiler through jax.experimental.topologies, which works with this set.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 from m3ddm_jax.runtime import tune_malloc

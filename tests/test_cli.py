@@ -97,7 +97,7 @@ def test_eval_typo_did_you_mean():
     # with eval.py's default config file, ml_collections applies it while the flag is being defined
     r = _run(REPO / "eval.py", "--config.metrics.lpip=1", "--print_config")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "the config has no field 'metrics.lpip'; did you mean --config.metrics.lpips?" in lines[0]
 
 
