@@ -202,5 +202,8 @@ def export_unet_torch(src, out_folder: str | os.PathLike, fmt: str = "safetensor
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
     write_state_dict(sd, out / TORCH_WEIGHT_FILES[fmt])
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    from m3ddm_jax.atomic import atomic_file  # noqa: PLC0415
+
+    with atomic_file(out / "config.json") as tmp:  # weights first, then the config: never a half-written file
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return out

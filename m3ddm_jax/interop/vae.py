@@ -184,5 +184,8 @@ def export_vae_torch(
         if other != TORCH_WEIGHTS[fmt] and (out / other).exists():
             (out / other).unlink()
     write_state_dict(state_dict, out / TORCH_WEIGHTS[fmt])
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    from m3ddm_jax.atomic import atomic_file  # noqa: PLC0415
+
+    with atomic_file(out / "config.json") as tmp:  # weights first, then the config: never a half-written file
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     return out
