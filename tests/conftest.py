@@ -50,3 +50,15 @@ def tiny_unet_bin(tmp_path_factory) -> Path:
     shutil.copy(TINY_UNET / "config.json", d / "config.json")
     torch.save(load_file(TINY_UNET / "diffusion_pytorch_model.safetensors"), d / "diffusion_pytorch_model.bin")
     return d
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    """A ``--weights`` folder as ``python -m m3ddm_jax.download`` lays it out (``unet/`` + ``vae/``), holding the
+    tiny models that ship in the package."""
+    from m3ddm_jax.assets import TINY_UNET, TINY_VAE
+
+    d = tmp_path_factory.mktemp("weights")
+    (d / "unet").symlink_to(TINY_UNET)
+    (d / "vae").symlink_to(TINY_VAE)
+    return d

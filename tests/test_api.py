@@ -13,7 +13,6 @@ import pytest
 
 import m3ddm_jax
 from m3ddm_jax import M3DDMPipeline, export_to_video, load_video
-from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 from m3ddm_jax.diffusion.samplers import run_sampler
 from m3ddm_jax.outpaint.pipeline import Progress
 from m3ddm_jax.video import write_video
@@ -32,16 +31,8 @@ def clip(n=20, h=96, w=54, seed=0):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    (d / "unet").symlink_to(TINY_UNET)
-    (d / "vae").symlink_to(TINY_VAE)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pipe(weights):
-    return M3DDMPipeline.from_pretrained(weights)
+def pipe(weights_dir):
+    return M3DDMPipeline.from_pretrained(weights_dir)
 
 
 def test_public_names_resolve_the_same_every_time():

@@ -12,7 +12,6 @@ import pytest
 from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
 from m3ddm_jax.video import read_video, write_video
-from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10     # API tests: every test shares one compiled loop (64x64 canvas, 10 steps)
@@ -29,14 +28,6 @@ def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
         frames[i, ..., 1] = (yy * 255 // max(h - 1, 1)) % 256
         frames[i, ..., 2] = (128 + 60 * np.sin((xx + yy + 4 * i) / 7.0)).astype(np.uint8)
     return np.clip(frames.astype(int) + rng.integers(-3, 4, frames.shape), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    (d / "unet").symlink_to(TINY_UNET)
-    (d / "vae").symlink_to(TINY_VAE)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 from m3ddm_jax.video import VideoReader, read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,14 +159,6 @@ def infer_main():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    (d / "unet").symlink_to(TINY_UNET)
-    (d / "vae").symlink_to(TINY_VAE)
-    return d
 
 
 def run_infer(infer_main, capsys, args):

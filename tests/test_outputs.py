@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3ddm_jax.assets import TINY_UNET, TINY_VAE
 from m3ddm_jax.video import read_video, write_video, written_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,14 +95,6 @@ def dot_files(folder: Path) -> list[str]:
 
 
 # -- infer.py in-process, models and compiled sampler shared ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    (d / "unet").symlink_to(TINY_UNET)
-    (d / "vae").symlink_to(TINY_VAE)
-    return d
-
 
 @pytest.fixture(scope="module")
 def infer_run(weights_dir):
