@@ -199,6 +199,16 @@ class Outpainter:
             src_again.close()  # a --limit run stops reading early: close the file now
         return emit.result(g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
 
+    def outpaint_many(self, jobs, progress: bool | Callable = False) -> list[OutpaintResult]:
+        """Outpaint several videos with this one setting: ``jobs`` is a sequence of ``(frames, fps)`` or
+        ``(frames, fps, sink)`` (``frames`` as for :meth:`__call__`). Returns one :class:`OutpaintResult` per job,
+        in order. Videos with the same canvas shape share one compiled loop."""
+        out = []
+        for job in jobs:
+            frames, fps, sink = (tuple(job) + (None,))[:3]
+            out.append(self(frames, fps, progress=progress, sink=sink))
+        return out
+
     # -- output helpers ---------------------------------------------------------------------------------
     @staticmethod
     def _paste(small: np.ndarray, g: Geometry) -> np.ndarray:
