@@ -663,6 +663,26 @@ class UNet3DConditionModel(nnx.Module):
         n, hh, ww, c = enc.shape
         return enc.reshape(b * guidance, (n // (b * guidance)) * hh * ww, c)
 
+    def window_context(self, global_latents: Array, global_rows: tuple[bool, ...]) -> Array:
+        """Encoder tokens for a batch of independent samples (eval mode), sample-major: ``global_latents
+        (W, g, hg, wg, 4)`` (each sample's own global frames) and, per guidance row, whether it sees them
+        (``True``) or the zero frames -> ``(W * R, g * h' * w', 320)`` with row ``w * R + r``.
+
+        Same numbers as :meth:`global_context` in eval mode (the encoder is per element); computed once per
+        sampler call and passed as ``context=``, so no denoising step recomputes it."""
+        nw, g = global_latents.shape[:2]
+        gl = global_latents.reshape(nw * g, *global_latents.shape[2:])
+        if self.opts.dtype is not None:
+            gl = gl.astype(self.opts.dtype)
+        e_g = self.global_img_encoder(gl, False)
+        _, hh, ww, c = e_g.shape
+        e_g = e_g.reshape(nw, 1, g * hh * ww, c)
+        e_z = self.global_img_encoder(jnp.zeros_like(gl[:1]), False)
+        e_z = jnp.broadcast_to(e_z[:, None], (1, 1, g, hh, ww, c)).reshape(1, 1, g * hh * ww, c)
+        sel = jnp.asarray(global_rows, bool)[None, :, None, None]
+        ctx = jnp.where(sel, e_g, e_z)  # (W, R, T, c)
+        return ctx.reshape(nw * len(global_rows), g * hh * ww, c)
+
     # -- forward -----------------------------------------------------------------------------------
     def __call__(
         self,
@@ -675,6 +695,7 @@ class UNet3DConditionModel(nnx.Module):
         train: bool = False,
         is_empty_img: bool = False,
         capture: dict | None = None,
+        context: Array | None = None,
     ) -> Array:
         """Predicted noise ``(B', F, h, w, out_channels)``; see the module docstring.
 
@@ -695,14 +716,19 @@ class UNet3DConditionModel(nnx.Module):
             raise ConfigError(
                 f"sample: latent size {h}x{w} must be divisible by {k} = 2**(len(block_out_channels)-1) "
                 "(the reference crashes otherwise)")
-        if global_latents.ndim != 4 or global_latents.shape[-1] != ENC_IN_CHANNELS or global_latents.shape[0] % b:
-            raise ValueError(f"global_latents must be (b*g, hg, wg, 4) with b={b}, got {tuple(global_latents.shape)}")
-        if min(encoder_output_size(global_latents.shape[1]), encoder_output_size(global_latents.shape[2])) < 1:
-            raise ValueError(f"global latents {global_latents.shape[1]}x{global_latents.shape[2]} are too small "
-                             "for the global encoder (need at least 5x5)")
-
-        context = self.global_context(global_latents, b, guidance, train=train, is_empty_img=is_empty_img,
-                                      capture=capture)
+        if context is not None:
+            # precomputed encoder tokens, one row per sample row (e.g. :meth:`window_context`); the row order
+            # is then the caller's, and ``fps``/``timestep`` must be scalars or per row ``(B',)``
+            if context.ndim != 3 or context.shape[0] != bp:
+                raise ValueError(f"context must be ({bp}, tokens, channels), got {tuple(context.shape)}")
+        else:
+            if global_latents.ndim != 4 or global_latents.shape[-1] != ENC_IN_CHANNELS or global_latents.shape[0] % b:
+                raise ValueError(f"global_latents must be (b*g, hg, wg, 4) with b={b}, got {tuple(global_latents.shape)}")
+            if min(encoder_output_size(global_latents.shape[1]), encoder_output_size(global_latents.shape[2])) < 1:
+                raise ValueError(f"global latents {global_latents.shape[1]}x{global_latents.shape[2]} are too small "
+                                 "for the global encoder (need at least 5x5)")
+            context = self.global_context(global_latents, b, guidance, train=train, is_empty_img=is_empty_img,
+                                          capture=capture)
 
         c0 = cfg.block_out_channels[0]
         wdt = self.opts.dtype if self.opts.dtype is not None else self.conv_in.kernel.dtype

@@ -27,7 +27,7 @@ from m3ddm_jax.errors import ConfigError
 from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.geometry import Geometry, make_geometry
 from m3ddm_jax.outpaint.sampler import Guidance, assemble_conditions, build_denoiser, report_steps, start_latent
-from m3ddm_jax.outpaint.windows import WINDOW, global_frame_indices, plan_windows
+from m3ddm_jax.outpaint.windows import WINDOW, global_frame_indices, plan_windows, window_waves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,11 @@ class OutpaintConfig:
     full_res: bool = False                      # keep source pixels at source size
     feather: int = 0                            # full-res seam feather width in output pixels
     vae_chunk: int = 8                          # frames per VAE encode/decode call
+    guidance_rows: int = 3                      # two-factor guidance: 3 (rows the combination reads) or 4 (reference)
+    schedule: str = "waves"                     # "waves" (independent windows at once) or "sequential" (one by one)
+    window_batch: int = 0                       # windows per denoiser call (0: auto, from devices and memory)
+    devices: int = 0                            # local devices to use (0: all); the window axis is sharded over them
+    return_latents: bool = False                # keep every frame's final latent in the result (``latents``)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -57,6 +62,12 @@ class OutpaintConfig:
             raise ConfigError(f"vae_chunk must be positive, got {self.vae_chunk}")
         if self.feather < 0:
             raise ConfigError(f"feather must be non-negative, got {self.feather}")
+        if self.guidance_rows not in (3, 4):
+            raise ConfigError(f"guidance_rows must be 3 or 4, got {self.guidance_rows}")
+        if self.schedule not in ("waves", "sequential"):
+            raise ConfigError(f"schedule must be 'waves' or 'sequential', got {self.schedule!r}")
+        if self.window_batch < 0 or self.devices < 0:
+            raise ConfigError("window_batch and devices must be >= 0 (0: automatic)")
 
 
 @dataclasses.dataclass
@@ -70,6 +81,8 @@ class OutpaintResult:
     steps: int = 0              # denoising steps per window
     source: object = None       # the input's path when known (its audio is kept by export_to_video)
     frame_shape: tuple | None = None  # (N, H, W, 3) of the output; ``frames`` is None when they went to a sink
+    waves: int = 0              # groups of windows that ran at once (== windows for the sequential schedule)
+    latents: np.ndarray | None = None  # (frames, h, w, 4) final latents, with ``return_latents=True``
 
     @property
     def shape(self) -> tuple:
@@ -79,7 +92,8 @@ class OutpaintResult:
     def summary(self) -> str:
         g = self.geometry
         n, oh, ow = self.shape[:3]
-        what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows x {self.steps} steps"
+        waves = f" in {self.waves} waves" if self.waves and self.waves != self.windows else ""
+        what = "copied (nothing to outpaint)" if self.copied else f"{self.windows} windows{waves} x {self.steps} steps"
         return f"{n} frames {g.src_w}x{g.src_h} -> {ow}x{oh}, {what}, {self.seconds:.1f} s"
 
 
@@ -89,8 +103,11 @@ class Outpainter:
     def __init__(self, unet, vae, config: OutpaintConfig = OutpaintConfig(), schedule: ScheduleConfig = ScheduleConfig()):
         config.validate()
         self.config = config
-        self.guidance = Guidance(config.guidance_scale, config.global_guidance_scale)
-        self.denoiser, self.unet_state = build_denoiser(unet, config.sampler, config.steps, self.guidance, schedule)
+        self.guidance = Guidance(config.guidance_scale, config.global_guidance_scale, rows=config.guidance_rows)
+        self.mesh = window_mesh(config.devices)
+        self.denoiser, self.unet_state = build_denoiser(unet, config.sampler, config.steps, self.guidance, schedule,
+                                                        mesh=self.mesh)
+        self._unet = unet
         self.schedule = schedule
         self.vae_graphdef, self.vae_state = nnx.split(vae)
         self.latent_factor = vae.config.downscale if hasattr(vae.config, "downscale") else 8
@@ -107,7 +124,16 @@ class Outpainter:
 
         return np.asarray(decode_video((self.vae_graphdef, self.vae_state), latents[None], self.config.vae_chunk)[0])
 
-    # -- one video -----------------------------------------------------------------------------------
+    # -- videos --------------------------------------------------------------------------------------
+    def window_batch(self, latent_hw: tuple[int, int]) -> int:
+        """Windows per denoiser call for a canvas of ``latent_hw`` latents: ``config.window_batch`` rounded up to
+        a multiple of the devices, or (auto) the devices times what one device holds (see :func:`auto_windows`)."""
+        n_dev = self.denoiser.num_devices
+        if self.config.schedule == "sequential":
+            return n_dev
+        b = self.config.window_batch or n_dev * auto_windows(self.mesh, self._unet, latent_hw, self.guidance)
+        return -(-b // n_dev) * n_dev
+
     def __call__(self, frames, fps: float, progress: bool | Callable = False,
                  sink: Callable[[np.ndarray], None] | None = None) -> OutpaintResult:
         """Outpaint uint8 ``frames (N, H, W, 3)``, or a lazy source of them (a
@@ -120,10 +146,59 @@ class Outpainter:
         ``(H, W, 3)`` in frame order as soon as it and all frames before it are final (the result's ``frames``
         is then None; ``shape`` says what was emitted), e.g. :meth:`m3ddm_jax.video.VideoWriter.write`.
         ``progress``: False, True (a tqdm bar per denoising step with an ETA, left on screen with the totals), or
-        a callable ``progress(Progress)`` called after every denoising step and window (a UI's hook; an exception
-        raised from it stops the run at the end of the current window and propagates)."""
-        cfg = self.config
+        a callable ``progress(Progress)`` called after every denoising step and denoiser call (a UI's hook; an
+        exception raised from it stops the run at the end of the current call and propagates)."""
+        return self.outpaint_many([(frames, fps, sink)], progress=progress)[0]
+
+    def outpaint_many(self, jobs, progress: bool | Callable = False) -> list[OutpaintResult]:
+        """Outpaint several videos with this one setting: ``jobs`` is a sequence of ``(frames, fps)`` or
+        ``(frames, fps, sink)`` (``frames`` and ``sink`` as for :meth:`__call__`). Returns one
+        :class:`OutpaintResult` per job, in order; each ``seconds`` is the time until that video was done.
+
+        Videos whose canvases have the same latent shape run together: wave ``k`` of every video (see
+        :func:`~m3ddm_jax.outpaint.windows.window_waves`) goes through the denoiser in calls of
+        :meth:`window_batch` windows (the last call padded), one compile per canvas shape. The result equals
+        running the windows one by one in plan order up to float rounding (batched convolutions)."""
         t0 = time.perf_counter()
+        jobs = [tuple(j) + (None,) * (3 - len(j)) for j in jobs]
+        results: list[OutpaintResult | None] = [None] * len(jobs)
+        videos: list[_VideoRun] = []
+        for i, (frames, fps, sink) in enumerate(jobs):
+            v = self._prepare(frames, float(fps), sink, t0)
+            if isinstance(v, OutpaintResult):
+                results[i] = v
+            else:
+                v.index = i
+                videos.append(v)
+        # same latent canvas -> same compiled loop; videos of one shape share calls
+        by_shape: dict[tuple[int, int], list[_VideoRun]] = {}
+        for v in videos:
+            by_shape.setdefault(v.latent_hw, []).append(v)
+        plan = []  # (shape, [(video, window index)] per call)
+        for hw, vs in by_shape.items():
+            b = self.window_batch(hw)
+            for level in range(max(len(v.waves) for v in vs)):
+                items = [(v, wi) for v in vs if level < len(v.waves) for wi in v.waves[level]]
+                plan += [(b, items[k:k + b]) for k in range(0, len(items), b)]
+        for _, items in plan:
+            for v in {id(v): v for v, _ in items}.values():
+                v.calls_left += 1
+        n_frames = sum(v.n_keep for v in videos)
+        bar = ProgressReporter(progress, len(plan), self.denoiser.spec.num_calls, n_frames=n_frames)
+        with bar, report_steps(bar.step_done):
+            for ci, (b, items) in enumerate(plan):
+                bar.window_start(ci)
+                self._run_call(items, b)
+                bar.window_done(ci)
+                for v in {id(v): v for v, _ in items}.values():
+                    v.calls_left -= 1
+                    if v.calls_left == 0:
+                        results[v.index] = v.finish(time.perf_counter() - t0, self.config.steps, self.config.return_latents)
+        return results
+
+    def _prepare(self, frames, fps: float, sink, t0: float):
+        """Everything a video needs before its first window: geometry, frames at model size, global latents, plan."""
+        cfg = self.config
         n, src_h, src_w = _source_shape(frames)
         g = make_geometry(src_h, src_w, ratio=cfg.ratio if cfg.pad is None else None, pad=cfg.pad,
                           output_size=cfg.output_size, canvas=cfg.canvas)
@@ -134,80 +209,91 @@ class Outpainter:
                 emit.put(i, f if cfg.full_res else self._crop_box(self._paste(cv.resize_frames(f[None], fhw), g), g)[0])
             return emit.result(g, 0, time.perf_counter() - t0, copied=True, fps=fps)
 
+        v = _VideoRun()
         key = jax.random.key(cfg.seed)
-        k_global, k_eps0, k_windows = jax.random.split(key, 3)
-        h, w = g.canvas_h // self.latent_factor, g.canvas_w // self.latent_factor
-        n_keep = min(n, cfg.limit) if cfg.limit else n
-
+        k_global, k_eps0, v.k_windows = jax.random.split(key, 3)
+        v.g, v.fps, v.latent_hw = g, fps, (g.canvas_h // self.latent_factor, g.canvas_w // self.latent_factor)
+        h, w = v.latent_hw
+        v.n_keep = min(n, cfg.limit) if cfg.limit else n
         # One pass over the source: frames at model resolution (those that are outpainted) and the global frames,
         # 16 evenly spaced source frames squashed to output_size squares.
         side = max(8, cfg.output_size // 8 * 8)
         gidx = global_frame_indices(n, cfg.num_global_frames)
-        small = np.empty((n_keep, *fhw, 3), np.uint8)
+        v.small = np.empty((v.n_keep, *fhw, 3), np.uint8)
         glob = np.empty((len(gidx), side, side, 3), np.uint8)
         for i, f in enumerate(_frames_of(frames, n)):
-            if i < n_keep:
-                small[i] = cv.resize_frames(f[None], fhw)[0]
+            if i < v.n_keep:
+                v.small[i] = cv.resize_frames(f[None], fhw)[0]
             for k in np.flatnonzero(gidx == i):
                 glob[k] = cv.resize_frames(f[None], (side, side))[0]
-        global_latents = self.encode(cv.to_model_range(glob), k_global)
+        v.global_latents = self.encode(cv.to_model_range(glob), k_global)
 
-        windows = plan_windows(n, cfg.strides, fps=fps, limit=cfg.limit)
-        n_out = windows and max(f for wdw in windows for f in wdw.frames) + 1
-        eps0 = jax.random.normal(k_eps0, (1, WINDOW, h, w, 4), jnp.float32)  # same for every window (reference)
-        _, masked_full, mask = cv.build_canvases(small[:1], g, inpaint=False)
-        m_lat = jnp.asarray(cv.latent_mask(mask, self.latent_factor), jnp.float32)
-        latents = jnp.zeros((n_out, h, w, 4), jnp.float32)
-        has_latent = np.zeros(n_out, bool)
-        black = np.full((1, g.canvas_h, g.canvas_w, 3), -1.0, np.float32)
-        # output frames leave in frame order (stride-1 windows run in frame order); --full-res re-reads the source
-        emit = _Emitter(n_keep, sink)
-        src_again = _frames_of(frames, n) if cfg.full_res else None
+        v.windows = plan_windows(n, cfg.strides, fps=fps, limit=cfg.limit)
+        v.waves = window_waves(v.windows) if cfg.schedule == "waves" else [[i] for i in range(len(v.windows))]
+        n_out = max(f for wdw in v.windows for f in wdw.frames) + 1
+        v.eps0 = jax.random.normal(k_eps0, (1, WINDOW, h, w, 4), jnp.float32)  # same for every window (reference)
+        _, _, v.mask = cv.build_canvases(v.small[:1], g, inpaint=False)
+        v.m_lat = jnp.asarray(cv.latent_mask(v.mask, self.latent_factor), jnp.float32)
+        v.latents = jnp.zeros((n_out, h, w, 4), jnp.float32)
+        v.has_latent = np.zeros(n_out, bool)
+        # output frames leave in frame order; --full-res re-reads the source
+        v.emit = _Emitter(v.n_keep, sink)
+        v.src_again = _frames_of(frames, n) if cfg.full_res else None
+        v.calls_left = 0
+        v.finisher = self._finisher(v)
+        return v
+
+    def _finisher(self, v: "_VideoRun"):
+        g = v.g
 
         def finish(i: int, img: np.ndarray) -> np.ndarray:
-            if cfg.full_res:
-                return self._full_res(img, next(src_again), g)
+            if self.config.full_res:
+                return self._full_res(img, next(v.src_again), g)
             return self._crop_box(img[None], g)[0]
 
-        bar = ProgressReporter(progress, len(windows), self.denoiser.spec.num_calls, n_frames=min(n, cfg.limit or n))
-        with bar, report_steps(bar.step_done):
-            for wi, wdw in enumerate(windows):
-                bar.window_start(wi)
-                idx = np.asarray(wdw.frames)
-                init_u8, masked_u8, _ = cv.build_canvases(small[idx], g)
-                kw = jax.random.fold_in(k_windows, wi)
-                enc = self.encode(np.concatenate([cv.to_model_range(init_u8), cv.to_model_range(masked_u8), black]), kw)
-                z_init, z_mask, z_black = enc[:WINDOW], enc[WINDOW:2 * WINDOW], enc[2 * WINDOW]
-                known = jnp.asarray(np.asarray(wdw.known))
-                cond, uncond, lmask, umask = assemble_conditions(z_mask, z_black, m_lat, latents[idx], known)
-                x = start_latent(z_init[None], eps0, self.denoiser.spec, self.schedule)
-                z0 = self.denoiser(self.unet_state, x, cond, uncond, lmask, umask, global_latents, wdw.fps_cond)[0]
-                # first occurrence wins (later slots of the same frame, e.g. padding, do not overwrite)
-                new = [j for j in range(WINDOW) if not has_latent[idx[j]] and idx[j] not in idx[:j]]
-                if new:
-                    latents = latents.at[idx[new]].set(z0[np.asarray(new)])
-                    has_latent[idx[new]] = True
-                emit_j = [j for j in range(WINDOW) if wdw.emit[j]]
-                if emit_j:
-                    images = cv.to_uint8(self.decode(z0[np.asarray(emit_j)]))
-                    comp = cv.composite(images, masked_u8[emit_j], mask)
-                    for j, img in zip(emit_j, comp):
-                        emit.put(int(idx[j]), img, finish)
-                jax.block_until_ready(z0)  # every step of this window has reported
-                bar.window_done(wi)
-        if src_again is not None:
-            src_again.close()  # a --limit run stops reading early: close the file now
-        return emit.result(g, len(windows), time.perf_counter() - t0, fps=fps, steps=cfg.steps)
+        return finish
 
-    def outpaint_many(self, jobs, progress: bool | Callable = False) -> list[OutpaintResult]:
-        """Outpaint several videos with this one setting: ``jobs`` is a sequence of ``(frames, fps)`` or
-        ``(frames, fps, sink)`` (``frames`` as for :meth:`__call__`). Returns one :class:`OutpaintResult` per job,
-        in order. Videos with the same canvas shape share one compiled loop."""
-        out = []
-        for job in jobs:
-            frames, fps, sink = (tuple(job) + (None,))[:3]
-            out.append(self(frames, fps, progress=progress, sink=sink))
-        return out
+    def _run_call(self, items: list[tuple["_VideoRun", int]], batch: int) -> None:
+        """One denoiser call over the windows ``items`` (padded to ``batch``): conditions from the latents the
+        earlier calls wrote, then the latents, decode and composite of every window, in plan order."""
+        cols = {k: [] for k in ("x", "cond", "uncond", "mask", "umask", "glob", "fps")}
+        prepared = []
+        for v, wi in items:
+            wdw = v.windows[wi]
+            idx = np.asarray(wdw.frames)
+            init_u8, masked_u8, _ = cv.build_canvases(v.small[idx], v.g)
+            kw = jax.random.fold_in(v.k_windows, wi)
+            black = np.full((1, v.g.canvas_h, v.g.canvas_w, 3), -1.0, np.float32)
+            enc = self.encode(np.concatenate([cv.to_model_range(init_u8), cv.to_model_range(masked_u8), black]), kw)
+            z_init, z_mask, z_black = enc[:WINDOW], enc[WINDOW:2 * WINDOW], enc[2 * WINDOW]
+            known = jnp.asarray(np.asarray(wdw.known))
+            cond, uncond, lmask, umask = assemble_conditions(z_mask, z_black, v.m_lat, v.latents[idx], known)
+            x = start_latent(z_init[None], v.eps0, self.denoiser.spec, self.schedule)[0]
+            for k, a in zip(cols, (x, cond, uncond, lmask, umask, v.global_latents, wdw.fps_cond)):
+                cols[k].append(a)
+            prepared.append((v, wi, idx, masked_u8))
+        pad = batch - len(items)
+        args = [jnp.stack(c + c[:1] * pad) for c in cols.values()]  # padding: copies of the first window
+        args[-1] = args[-1].astype(jnp.float32)
+        if self.mesh is not None:
+            args = jax.device_put(args, self.denoiser.window_sharding)
+        z0s = self.denoiser(self.unet_state, *args)
+        z0s = jax.device_get(z0s) if self.mesh is not None and self.mesh.size > 1 else z0s
+        for k, (v, wi, idx, masked_u8) in enumerate(prepared):
+            wdw = v.windows[wi]
+            z0 = jnp.asarray(z0s[k])
+            # first occurrence wins (later slots of the same frame, e.g. padding, do not overwrite)
+            new = [j for j in range(WINDOW) if not v.has_latent[idx[j]] and idx[j] not in idx[:j]]
+            if new:
+                v.latents = v.latents.at[idx[new]].set(z0[np.asarray(new)])
+                v.has_latent[idx[new]] = True
+            emit_j = [j for j in range(WINDOW) if wdw.emit[j]]
+            if emit_j:
+                images = cv.to_uint8(self.decode(z0[np.asarray(emit_j)]))
+                comp = cv.composite(images, masked_u8[emit_j], v.mask)
+                for j, img in zip(emit_j, comp):
+                    v.emit.put(int(idx[j]), img, v.finisher)
+        jax.block_until_ready(z0s)  # every step of this call has reported
 
     # -- output helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -236,6 +322,53 @@ class Outpainter:
         else:
             region[:] = source
         return big
+
+
+class _VideoRun:
+    """One video's state while its windows run (see :meth:`Outpainter.outpaint_many`)."""
+
+    index: int
+    calls_left: int
+
+    def finish(self, seconds: float, steps: int, keep_latents: bool = False) -> OutpaintResult:
+        if self.src_again is not None:
+            self.src_again.close()  # a --limit run stops reading early: close the file now
+        return self.emit.result(self.g, len(self.windows), seconds, fps=self.fps, steps=steps, waves=len(self.waves),
+                                latents=np.asarray(self.latents) if keep_latents else None)
+
+
+def window_mesh(devices: int = 0):
+    """A one-axis mesh (``"windows"``) over the first ``devices`` local devices (0: all); None for one device."""
+    local = jax.local_devices()
+    n = devices or len(local)
+    if n > len(local):
+        raise ConfigError(f"devices={n}, but this process has {len(local)} local devices")
+    if n == 1:
+        return None
+    from m3ddm_jax.train.sharding import make_mesh  # noqa: PLC0415
+
+    return make_mesh({"windows": n}, ("windows",), devices=local[:n])
+
+
+def auto_windows(mesh, unet, latent_hw: tuple[int, int], guidance: Guidance) -> int:
+    """Windows one device holds per call: 1 where the device does not report its memory (CPU), else what fits
+    in 80% of it after the parameters, by a per-window estimate scaled from a measurement (full model, 3 rows,
+    16 frames at 32x32 latents, bf16: 1.6 GiB of activations per window), doubled for safety; at most 8."""
+    dev = (mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0])
+    try:
+        limit = (dev.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001  not every backend reports memory
+        limit = None
+    if not limit:
+        return 1
+    params = nnx.state(unet, nnx.Param)
+    leaves = jax.tree_util.tree_leaves(params)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    c0 = unet.config.block_out_channels[0]
+    itemsize = jnp.dtype(unet.opts.dtype or leaves[0].dtype).itemsize
+    h, w = latent_hw
+    per_window = 2 * 1.6 * 2**30 * (guidance.unet_guidance / 3) * (h * w / 1024) * (c0 / 320) * (itemsize / 2)
+    return int(max(1, min(8, (0.8 * limit - param_bytes) // per_window)))
 
 
 def _source_shape(frames) -> tuple[int, int, int]:

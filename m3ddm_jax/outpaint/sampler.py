@@ -12,15 +12,20 @@ Spec sections 4.3-4.4 and 5.3. For one window of ``F`` frames on an ``H x W`` ca
   ============  ===================================  ======================================
   scales        rows (local condition / context)     guided eps
   ============  ===================================  ======================================
-  both > 1      uu, cu, uc, cc (``guidance=4``)      ``uu + s_l (cu - uu) + s_g (cc - cu)``
+  both > 1      uu, cu, cc (``rows=3``, default) or  ``uu + s_l (cu - uu) + s_g (cc - cu)``
+                uu, cu, uc, cc (``rows=4``, the
+                reference's batch; ``uc`` unread)
   s_l > 1 only  uu/zero, cu/global (``guidance=2``)  ``e0 + s_l (e1 - e0)``
   s_g > 1 only  cu/zero, cu/global (``guidance=2``)  ``e0 + s_g (e1 - e0)`` (the reference raises)
   neither       cu/global (``guidance=1``)           ``e0``
   ============  ===================================  ======================================
 
 * :class:`Denoiser` jits the full loop (``lax.fori_loop`` over the sampler's steps, U-Net inside) once per
-  input shape; every window and pass of a video reuses the compiled function. ``trace_count`` counts how
-  often it was traced (tests assert one trace per video).
+  input shape. It runs ``W`` independent windows at once (a wave, possibly of several videos): every array
+  has a leading window axis, each window its own start latent, conditions, global latents and fps, all at
+  the same timesteps. U-Net rows are window-major (row ``w * R + r``), so with a device mesh the window
+  axis is sharded and no row ever leaves its device; the global encoder's tokens are computed once per call,
+  before the loop. ``trace_count`` counts how often it was traced (tests assert one trace per shape).
 """
 from __future__ import annotations
 
@@ -38,12 +43,18 @@ from flax import nnx
 from m3ddm_jax.diffusion import add_noise, alphas_cumprod, make_sampler
 from m3ddm_jax.diffusion.samplers import SamplerSpec, run_sampler
 from m3ddm_jax.diffusion.schedule import ScheduleConfig
+from m3ddm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
     local_scale: float = 2.0     # s_l: masked-video (local) condition
     global_scale: float = 4.0    # s_g: global frames
+    rows: int = 4                # two-factor only: 4 = the reference's batch, 3 = the rows the combination reads
+
+    def __post_init__(self):
+        if self.rows not in (3, 4):
+            raise ConfigError(f"guidance rows must be 3 or 4, got {self.rows!r}")
 
     @property
     def mode(self) -> str:
@@ -52,7 +63,14 @@ class Guidance:
 
     @property
     def unet_guidance(self) -> int:
-        return {"two_factor": 4, "local": 2, "global": 2, "none": 1}[self.mode]
+        """Rows per window (the U-Net's ``guidance``)."""
+        return {"two_factor": self.rows, "local": 2, "global": 2, "none": 1}[self.mode]
+
+    @property
+    def global_rows(self) -> tuple[bool, ...]:
+        """Per row: does its context see the global frames (else the zero frames)."""
+        return {"two_factor": (False, False, True) if self.rows == 3 else (False, False, True, True),
+                "local": (False, True), "global": (False, True), "none": (True,)}[self.mode]
 
 
 def assemble_conditions(z_mask: jax.Array, z_black: jax.Array, m_lat: jax.Array, known_latents: jax.Array,
@@ -70,31 +88,31 @@ def assemble_conditions(z_mask: jax.Array, z_black: jax.Array, m_lat: jax.Array,
 
 
 def unet_rows(x: jax.Array, cond, uncond, mask, umask, guidance: Guidance) -> jax.Array:
-    """The U-Net input ``(B', F, h, w, 2C+1)`` for a latent ``x (1, F, h, w, C)`` (batch 1)."""
-    cu = jnp.concatenate([x, cond[None], mask[None]], axis=-1)
-    uu = jnp.concatenate([x, uncond[None], umask[None]], axis=-1)
-    mode = guidance.mode
-    if mode == "two_factor":
-        return jnp.concatenate([uu, cu, uu, cu], axis=0)
-    if mode == "local":
-        return jnp.concatenate([uu, cu], axis=0)
-    if mode == "global":
-        return jnp.concatenate([cu, cu], axis=0)
-    return cu
+    """The U-Net input ``(W * R, F, h, w, 2C+1)``, window-major, for latents ``x (W, F, h, w, C)`` and conditions
+    ``(W, F, ...)`` (or ``(F, ...)`` for one window)."""
+    if cond.ndim == 4:
+        cond, uncond, mask, umask = cond[None], uncond[None], mask[None], umask[None]
+    cu = jnp.concatenate([x, cond, mask], axis=-1)
+    uu = jnp.concatenate([x, uncond, umask], axis=-1)
+    rows = {"two_factor": [uu, cu, cu] if guidance.rows == 3 else [uu, cu, uu, cu],
+            "local": [uu, cu], "global": [cu, cu], "none": [cu]}[guidance.mode]
+    return jnp.stack(rows, axis=1).reshape((-1,) + cu.shape[1:])
 
 
 def combine(eps: jax.Array, guidance: Guidance) -> jax.Array:
-    """Guided eps ``(1, F, h, w, C)`` from the U-Net rows, in the reference's evaluation order."""
+    """Guided eps ``(W, F, h, w, C)`` from the window-major U-Net rows, in the reference's evaluation order."""
     s_l, s_g = guidance.local_scale, guidance.global_scale
+    r = guidance.unet_guidance
+    e = eps.reshape((-1, r) + eps.shape[1:])
     mode = guidance.mode
     if mode == "two_factor":
-        uu, cu, _uc, cc = eps[0:1], eps[1:2], eps[2:3], eps[3:4]
+        uu, cu, cc = e[:, 0], e[:, 1], e[:, r - 1]
         return uu + s_l * (cu - uu) + s_g * (cc - cu)
     if mode == "local":
-        return eps[0:1] + s_l * (eps[1:2] - eps[0:1])
+        return e[:, 0] + s_l * (e[:, 1] - e[:, 0])
     if mode == "global":
-        return eps[0:1] + s_g * (eps[1:2] - eps[0:1])
-    return eps
+        return e[:, 0] + s_g * (e[:, 1] - e[:, 0])
+    return e[:, 0]
 
 
 # -- step progress: the compiled loop reports each finished U-Net call to whatever sink is current ------------
@@ -123,43 +141,77 @@ def report_steps(sink: Callable[[int], None] | None):
 
 
 class Denoiser:
-    """The jitted denoising loop of one window: ``(unet_state, x_start, conditions, global latents, fps) -> z0``.
+    """The jitted denoising loop of ``W`` windows: ``(unet_state, x_start, conditions, global latents, fps) -> z0``.
+
+    Arrays carry a leading window axis: ``x_start (W, F, h, w, C)``, ``cond``/``uncond (W, F, h, w, C)``,
+    ``mask``/``umask (W, F, h, w, 1)``, ``global_latents (W, g, hg, wg, 4)``, ``fps (W,)``; the one-window
+    forms ``(F, ...)``, ``(g, hg, wg, 4)`` and a scalar fps are accepted too. With a ``mesh`` (one axis,
+    ``"windows"``) the window axis is sharded over its devices (``W`` must be a multiple of their number) and
+    the parameters are replicated.
 
     With ``report=True`` (default) the loop calls the host after every step (:func:`report_steps`); the cost
     is one tiny device-to-host transfer per step (measured in tests/test_api.py and bench/infer.py)."""
 
     def __init__(self, unet_graphdef: nnx.GraphDef, spec: SamplerSpec, guidance: Guidance = Guidance(),
-                 report: bool = True):
+                 report: bool = True, mesh: jax.sharding.Mesh | None = None):
         self.graphdef = unet_graphdef
         self.spec = spec
         self.guidance = guidance
         self.report = report
+        self.mesh = mesh
         self.trace_count = 0
-        self._jit = jax.jit(self._denoise, donate_argnums=(1,))
+        if mesh is None:
+            self._jit = jax.jit(self._denoise, donate_argnums=(1,))
+        else:
+            from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+            rep, win = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names[0]))
+            self.window_sharding, self.replicated = win, rep
+            self._jit = jax.jit(self._denoise, in_shardings=(rep,) + (win,) * 7, out_shardings=win,
+                                donate_argnums=(1,))
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
 
     def _denoise(self, unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
         self.trace_count += 1  # runs at trace time only
         model = nnx.merge(self.graphdef, unet_state)
         g = self.guidance
+        r = g.unet_guidance
+        context = model.window_context(global_latents, g.global_rows)  # once per call, outside the loop
+        fps_rows = jnp.repeat(fps, r)
 
         def eps_fn(x, t):
             rows = unet_rows(x, cond, uncond, mask, umask, g)
-            out = model(rows, t, global_latents, fps, guidance=g.unet_guidance)
+            out = model(rows, t, None, fps_rows, guidance=r, context=context)
             return combine(out, g).astype(x.dtype)
 
         return run_sampler(self.spec, eps_fn, x_start, on_step=_on_step if self.report else None)
 
     def __call__(self, unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
-        return self._jit(unet_state, x_start, cond, uncond, mask, umask, global_latents, jnp.asarray(fps, jnp.float32))
+        if cond.ndim == 4:  # one window
+            cond, uncond, mask, umask = cond[None], uncond[None], mask[None], umask[None]
+        nw = x_start.shape[0]
+        if global_latents.ndim == 4:  # one video's global latents for every window
+            global_latents = jnp.broadcast_to(global_latents[None], (nw,) + global_latents.shape)
+        fps = jnp.broadcast_to(jnp.asarray(fps, jnp.float32).reshape(-1), (nw,))
+        if nw % self.num_devices:
+            raise ValueError(f"{nw} windows do not split over {self.num_devices} devices")
+        return self._jit(unet_state, x_start, cond, uncond, mask, umask, global_latents, fps)
 
     def eps_fn_for_test(self, unet_state, cond, uncond, mask, umask, global_latents, fps):
-        """The guided eps of one call (same code path as the loop; used by tests)."""
+        """``eps_fn(x, t) -> (rows, raw U-Net output)`` of one call, through the loop's code (tests)."""
         model = nnx.merge(self.graphdef, unet_state)
         g = self.guidance
+        r = g.unet_guidance
+        gl = global_latents[None] if global_latents.ndim == 4 else global_latents
+        context = model.window_context(gl, g.global_rows)
+        fps_rows = jnp.repeat(jnp.broadcast_to(jnp.asarray(fps, jnp.float32).reshape(-1), (gl.shape[0],)), r)
 
         def eps_fn(x, t):
             rows = unet_rows(x, cond, uncond, mask, umask, g)
-            return rows, model(rows, t, global_latents, fps, guidance=g.unet_guidance)
+            return rows, model(rows, t, None, fps_rows, guidance=r, context=context)
 
         return eps_fn
 
@@ -171,19 +223,23 @@ def start_latent(z_init: jax.Array, eps0: jax.Array, spec: SamplerSpec, cfg: Sch
 
 @functools.lru_cache(maxsize=16)
 def _denoiser(graphdef: nnx.GraphDef, sampler: str, steps: int, guidance: Guidance, schedule: ScheduleConfig,
-              report: bool = True) -> Denoiser:
-    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance, report)
+              report: bool = True, mesh=None) -> Denoiser:
+    return Denoiser(graphdef, make_sampler(sampler, steps, schedule), guidance, report, mesh)
 
 
 def build_denoiser(unet, sampler: str = "plms", steps: int = 50, guidance: Guidance = Guidance(),
-                   schedule: ScheduleConfig = ScheduleConfig(), report: bool = True) -> tuple[Denoiser, nnx.State]:
+                   schedule: ScheduleConfig = ScheduleConfig(), report: bool = True,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[Denoiser, nnx.State]:
     """Split the U-Net once and get its :class:`Denoiser`; returns ``(denoiser, unet_state)``.
 
     Denoisers are cached by (model structure, sampler, steps, guidance, schedule), so every
     :class:`~m3ddm_jax.outpaint.pipeline.Outpainter` over the same model shares one compiled loop per shape.
     """
     graphdef, state = nnx.split(unet)
-    return _denoiser(graphdef, sampler, steps, guidance, schedule, report), state
+    den = _denoiser(graphdef, sampler, steps, guidance, schedule, report, mesh)
+    if mesh is not None:
+        state = jax.device_put(state, den.replicated)
+    return den, state
 
 
 __all__ = ["Guidance", "assemble_conditions", "unet_rows", "combine", "Denoiser", "report_steps", "start_latent",

@@ -109,3 +109,32 @@ def plan_windows(num_frames: int, strides: Sequence[int] | str = (15, 5, 1), fps
         emit = tuple(owner.get(w.frames[j]) == (wi, j) if j < w.n_real else False for j in range(WINDOW))
         out.append(dataclasses.replace(w, emit=emit))
     return out
+
+
+def window_waves(windows: Sequence[Window]) -> list[list[int]]:
+    """Group a plan's windows (indices, execution order) into waves that can run at once.
+
+    Window ``j`` depends on an earlier window ``i`` when ``j`` reads as known a latent that ``i`` wrote first,
+    or when both would write the same frame first (``i`` then wins, as in the sequential order). Waves are
+    the longest-path levels of that graph, so every dependency of a wave lies in an earlier wave and the
+    windows of one wave neither read nor write each other's frames: running a wave at once gives the
+    sequential result. For strides (15, 5, 1) or (5, 3, 1) a video of 69 frames has 3 waves (7 windows);
+    strides that create dependencies inside a level, e.g. (4, 3, 1), simply give more waves."""
+    writer: dict[int, int] = {}
+    level: list[int] = []
+    for j, w in enumerate(windows):
+        deps = set()
+        for f, known in zip(w.frames, w.known):
+            if known:
+                if f not in writer:
+                    raise ValueError(f"window {j} reads frame {f} as known, but no earlier window writes it")
+                deps.add(writer[f])
+            elif f in writer:  # both would write it first: keep the plan's order
+                deps.add(writer[f])
+        for f in w.frames:
+            writer.setdefault(f, j)
+        level.append(1 + max(level[i] for i in deps) if deps else 0)
+    waves: list[list[int]] = [[] for _ in range(max(level, default=-1) + 1)]
+    for j, lv in enumerate(level):
+        waves[lv].append(j)
+    return waves
