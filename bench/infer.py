@@ -5,6 +5,7 @@
     python bench/infer.py --full-compile  # + the full-size U-Net's window loop: lower + compile (no weights)
     python bench/infer.py --full-step     # + one real step of the full-size model (random weights, ~5 GB)
     python bench/infer.py --skip-tiny --report-overhead   # cost of the per-step progress callback
+    python bench/infer.py --skip-tiny --throughput tiny,mid   # whole video: 4 rows vs 3 rows vs waves + 3 rows
 
 Prints one line per measurement. Not run by CI.
 """
@@ -108,10 +109,10 @@ def bench_full(args):
     den, state = build_denoiser(model, "plms", 50, Guidance())
     f, h, w = 16, 32, 32
     sds = lambda s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    lat = sds((f, h, w, 4))
-    msk = sds((f, h, w, 1))
+    lat = sds((1, f, h, w, 4))
+    msk = sds((1, f, h, w, 1))
     t = time.perf_counter()
-    lowered = den._jit.lower(state, sds((1, f, h, w, 4)), lat, lat, msk, msk, sds((16, 32, 32, 4)), sds(()))
+    lowered = den._jit.lower(state, sds((1, f, h, w, 4)), lat, lat, msk, msk, sds((1, 16, 32, 32, 4)), sds((1,)))
     t_lower = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()
@@ -147,6 +148,48 @@ def bench_full(args):
               f"warm {t2:.1f} s, peak RSS {peak_rss_gib():.2f} GiB")
 
 
+def bench_throughput(args):
+    """One 69-frame 9:16 video to 16:9 at ``--size``: the whole video, side by side, with the compile count:
+    sequential windows with the reference's 4 guidance rows (the old default), sequential with 3 rows, and
+    waves + 3 rows (auto windows per call; and ``--wave-batch`` windows per call)."""
+    import jax
+
+    from bench.common import UNET_CONFIGS
+    from m3ddm_jax.interop.vae import load_vae
+    from m3ddm_jax.models.unet3d import unet_from_config
+    from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
+    from m3ddm_jax.interop.unet import load_unet
+
+    vae = load_vae(TINY_VAE)
+    frames = synthetic(69, 192, 108)
+    variants = [("sequential, 4 rows", dict(schedule="sequential", guidance_rows=4)),
+                ("sequential, 3 rows", dict(schedule="sequential", guidance_rows=3)),
+                ("waves (auto batch), 3 rows", dict(schedule="waves")),
+                (f"waves ({args.wave_batch} per call), 3 rows", dict(schedule="waves", window_batch=args.wave_batch))]
+    print(f"backend {jax.default_backend()} x {jax.local_device_count()}, 69 frames 9:16 -> 16:9 at {args.size} px, "
+          f"{args.tp_steps} PLMS steps, strides 15,5,1 (7 windows, 3 waves)", flush=True)
+    for name in args.throughput.split(","):
+        unet = load_unet(TINY_UNET) if name == "tiny" else unet_from_config(UNET_CONFIGS[name], 0)
+        base = None
+        for label, kw in variants:
+            op = Outpainter(unet, vae, OutpaintConfig(ratio="16:9", output_size=args.size, steps=args.tp_steps, **kw))
+            traces0 = op.denoiser.trace_count
+            t = time.perf_counter()
+            r = op(frames, 24.0)
+            first = time.perf_counter() - t
+            warm = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                op(frames, 24.0)
+                warm.append(time.perf_counter() - t)
+            best = min(warm)
+            base = base or best
+            print(f"  {name:4s} {label:28s}: {best:7.2f} s/video warm (x{base / best:.2f} vs 4 rows), first run "
+                  f"{first:.1f} s, {op.denoiser.trace_count - traces0} new compile(s), {r.windows} windows in "
+                  f"{r.waves} waves, {op.window_batch(tuple(s // 8 for s in (r.geometry.canvas_h, r.geometry.canvas_w)))}"
+                  f" per call", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=16)
@@ -158,11 +201,16 @@ def main():
     p.add_argument("--full-step", action="store_true")
     p.add_argument("--report-overhead", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--throughput", default="", help="comma list of tiny,mid,full: whole-video variants")
+    p.add_argument("--tp-steps", type=int, default=4, help="denoising steps for --throughput")
+    p.add_argument("--wave-batch", type=int, default=5, help="windows per call for the explicit waves variant")
     args = p.parse_args()
     if not args.skip_tiny:
         bench_tiny(args)
     if args.report_overhead:
         bench_report_overhead(args)
+    if args.throughput:
+        bench_throughput(args)
     if args.full_compile or args.full_step:
         bench_full(args)
 

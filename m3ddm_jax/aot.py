@@ -17,11 +17,12 @@ Programs:
   jits it (state, frozen VAE, uint8 batch and draw step with the trainer's shardings; the state donated): VAE
   encodes, masks, U-Net forward and backward, Adam with fp32 master weights, BatchNorm statistics. Model,
   data, optimizer, mesh and sharding come from the ml_collections config (``--config.a.b=value`` overrides).
-* ``infer``: one window's whole denoising loop (``--steps`` PLMS steps under ``fori_loop``) as
-  :mod:`m3ddm_jax.outpaint.sampler` runs it, with ``--rows 3`` (default: the U-Net's ``guidance=3``, rows
-  uu, cu, cc, combined by the sampler's two-factor formula) or ``--rows 4`` (the sampler's current
-  :class:`~m3ddm_jax.outpaint.sampler.Denoiser`, unchanged). Parameters are stored in ``--dtype``; with more
-  than one chip they are sharded over all of them by the training rule (largest divisible dimension).
+* ``infer``: one call of the sampler's denoiser (:class:`~m3ddm_jax.outpaint.sampler.Denoiser`, the whole
+  ``--steps`` PLMS loop under ``fori_loop``) over ``--batch`` windows (default 1; a wave of the whole-video
+  schedule runs several), with ``--rows 3`` (default: uu, cu, cc, the rows two-factor guidance reads) or
+  ``--rows 4`` (the reference's batch). Parameters are stored in ``--dtype``; with more than one chip they are
+  sharded over all of them by the training rule (largest divisible dimension), and the window axis is
+  sharded over the chips when the batch divides over them.
 
 Printed per compile: per-device argument, output, alias, temporary and peak bytes (peak = arguments +
 outputs - aliased + temporaries, what the compiler must fit), FLOPs per device (XLA cost analysis), the
@@ -429,43 +430,46 @@ class InferProgram:
         state_sh = sh.params_tree(state)
         self.state = _sds(state, state_sh)
         guidance = guidance or SM.Guidance()
+        if guidance.mode != "two_factor" and rows == 3:
+            raise ConfigError("--rows 3 is two-factor guidance (both scales > 1)")
+        guidance = dataclasses.replace(guidance, rows=rows)
         spec = make_sampler(sampler, steps)
-        if rows == 4:
-            fn = SM.Denoiser(gd, spec, guidance)._denoise  # the sampler's program, unchanged
-        else:
-            if guidance.mode != "two_factor":
-                raise ConfigError("--rows 3 is two-factor guidance (both scales > 1)")
-
-            def fn(unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
-                model = nnx.merge(gd, unet_state)
-
-                def eps_fn(x, t):
-                    rows4 = SM.unet_rows(x, cond, uncond, mask, umask, guidance)  # uu, cu, uu, cu
-                    out = model(rows4[jnp.array([0, 1, 3])], t, global_latents, fps, guidance=3)
-                    eps4 = jnp.concatenate([out[:2], out[1:2], out[2:]], axis=0)  # row 2 (uc) is unused
-                    return SM.combine(eps4, guidance).astype(x.dtype)
-
-                return SM.run_sampler(spec, eps_fn, x_start)
-        h = size // 8
-        rep = sh.replicated
-        f32 = jnp.float32
-        self.args = (self.state,
-                     jax.ShapeDtypeStruct((1, frames, h, h, 4), f32, sharding=rep),
-                     *(jax.ShapeDtypeStruct((frames, h, h, 4), f32, sharding=rep) for _ in range(2)),
-                     *(jax.ShapeDtypeStruct((frames, h, h, 1), f32, sharding=rep) for _ in range(2)),
-                     jax.ShapeDtypeStruct((global_frames, global_size // 8, global_size // 8, 4), f32, sharding=rep),
-                     jax.ShapeDtypeStruct((), f32, sharding=rep))
-        self.jitted = jax.jit(fn, in_shardings=(state_sh,) + (rep,) * 7, out_shardings=rep, donate_argnums=(1,))
+        fn = SM.Denoiser(gd, spec, guidance, report=False)._denoise  # the sampler's own program
+        self._shape = (frames, size // 8, global_frames, global_size // 8)
+        self._sh, self._fn, self._state_sh = sh, fn, state_sh
+        self.jitted = {}
         budget = ("" if attention_impl != "xla" else " unchunked" if attention_budget_mib is None
                   else f" chunked ({attention_budget_mib} score budget)" if attention_budget_mib == "auto"
                   else f" chunked ({attention_budget_mib:g} MiB score budget)")
         self.settings = (f"{rows} guidance rows, {frames} frames at {size} px, {global_frames} global frames, "
                          f"{dtype} params+compute, attention {attention_impl}{budget}, {steps} {sampler} steps")
 
+    def lowering_args(self, batch: int = 1):
+        """Abstract arguments of one denoiser call over ``batch`` windows (the sampler's window axis): sharded
+        over the chips when ``batch`` divides over them, else replicated (the parameters are FSDP-sharded)."""
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+        from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+        if batch < 1:
+            raise ConfigError(f"batch {batch}: the number of windows per call must be positive")
+        frames, h, gf, gh = self._shape
+        mesh = self._sh.mesh
+        win = NamedSharding(mesh, P("fsdp")) if batch % mesh.size == 0 else self._sh.replicated
+        f32 = jnp.float32
+        sds = lambda *shape: jax.ShapeDtypeStruct((batch,) + shape, f32, sharding=win)  # noqa: E731
+        args = (self.state, sds(frames, h, h, 4), sds(frames, h, h, 4), sds(frames, h, h, 4), sds(frames, h, h, 1),
+                sds(frames, h, h, 1), sds(gf, gh, gh, 4), sds())
+        if win not in self.jitted:
+            self.jitted[win] = jax.jit(self._fn, in_shardings=(self._state_sh,) + (win,) * 7, out_shardings=win,
+                                       donate_argnums=(1,))
+        return self.jitted[win], args
+
     def compile(self, batch: int = 1) -> CompileResult:
-        if batch != 1:
-            raise ConfigError("infer compiles one window (batch 1)")
-        return compile_lowered(lambda: self.jitted.lower(*self.args), self.topo, self.what, 1, self.settings)
+        """Compile one denoiser call over ``batch`` windows (a wave; 1: one window, the sequential schedule)."""
+        jitted, args = self.lowering_args(batch)
+        settings = self.settings + (f", {batch} windows per call" if batch != 1 else "")
+        return compile_lowered(lambda: jitted.lower(*args), self.topo, self.what, batch, settings)
 
 
 # -- max batch -------------------------------------------------------------------------------------------
@@ -539,7 +543,7 @@ def _parser():
     p.add_argument("--config", default=None, help="ml_collections config (train; default configs/m3ddm_plus.py); "
                    "infer reads only model.unet_config / model.init from it")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--batch", type=int, default=None, help="global batch (train; default: the config's)")
+    g.add_argument("--batch", type=int, default=None, help="train: global batch (default: the config's); infer: windows per denoiser call (default 1)")
     g.add_argument("--max-batch", action="store_true", help="find the largest global batch that compiles")
     p.add_argument("--dtype", default="bfloat16", help="infer: parameter and compute dtype")
     p.add_argument("--rows", type=int, default=3, help="infer: guidance rows, 3 (uu, cu, cc) or 4")
@@ -585,19 +589,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{program.what} on {args.topology}: {program.topo.n} devices ({program.topo.chip.name}), "
               f"{program.topo.hosts} host(s); {program.settings}", flush=True)
         if args.max_batch:
-            if program.what != "train":
-                raise ConfigError("--max-batch applies to --what train (infer compiles one window)")
             batch, res, tried = max_batch(program, log=lambda s: print(s, flush=True))
             if res is None:
                 n, lim = tried[0][2], program.topo.chip.hbm_gib * GIB
-                raise DoesNotFitError(f"train does not fit on {args.topology} ({program.topo.chip.name}) even at "
+                raise DoesNotFitError(f"{program.what} does not fit on {args.topology} ({program.topo.chip.name}) even at "
                                       f"batch {program.divisor}: needs {n / GIB:.2f} GiB per device, limit "
-                                      f"{lim / GIB:.2f} GiB" if n else f"train does not fit on {args.topology}",
+                                      f"{lim / GIB:.2f} GiB" if n else f"{program.what} does not fit on {args.topology}",
                                       n, lim)
             print(f"max batch {batch}: {res.summary()}")
             out = dict(res.as_dict(), max_batch=batch, tried=tried)
         else:
-            batch = 1 if program.what == "infer" else (args.batch or int(config.train.batch_size))
+            batch = args.batch or (1 if program.what == "infer" else int(config.train.batch_size))
             res = program.compile(batch)
             print(res.summary())
             out = res.as_dict()

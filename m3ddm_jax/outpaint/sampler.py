@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import weakref
 from typing import Callable
 
 import jax
@@ -237,9 +238,15 @@ def build_denoiser(unet, sampler: str = "plms", steps: int = 50, guidance: Guida
     """
     graphdef, state = nnx.split(unet)
     den = _denoiser(graphdef, sampler, steps, guidance, schedule, report, mesh)
-    if mesh is not None:
-        state = jax.device_put(state, den.replicated)
+    if mesh is not None:  # one replicated copy per model and mesh, shared by every setting
+        per_model = _replicated.setdefault(unet, {})
+        if mesh not in per_model:
+            per_model[mesh] = jax.device_put(state, den.replicated)
+        state = per_model[mesh]
     return den, state
+
+
+_replicated: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 __all__ = ["Guidance", "assemble_conditions", "unet_rows", "combine", "Denoiser", "report_steps", "start_latent",
