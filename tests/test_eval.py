@@ -392,16 +392,10 @@ def light(env):
 
 
 def eval_module():
-    """eval.py imported as a module (it defines no flags on import)."""
-    import importlib.util
+    """The evaluation loop eval.py calls (plan, Evaluator, evaluate)."""
+    import m3ddm_jax.evaluation
 
-    name = "m3ddm_eval_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "eval.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return m3ddm_jax.evaluation
 
 
 def light_config(env, out: Path, **overrides):

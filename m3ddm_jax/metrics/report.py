@@ -2,8 +2,9 @@
 
 Used by ``eval.py``; importable without absl flags (tests, notebooks, training validation reports).
 
-* :class:`Store` - ``per_video.jsonl`` (one JSON row per scored video, keys sorted, rewritten atomically
-  after every video), ``timings.jsonl`` (seconds per video, kept out of the rows so that a table does not
+* :class:`Store` - ``per_video.jsonl`` (one JSON row per scored video, keys sorted, rows in id order, rewritten
+  atomically after every video; with several processes each writes ``per_video.process<k>.jsonl``, merged at
+  the end), ``timings.jsonl`` (seconds per video, kept out of the rows so that a table does not
   depend on how fast or in how many sittings it was computed) and ``features/`` (I3D clip embeddings as
   ``.npy``, so FVD over a whole set survives a resume). A row's id holds the :class:`Settings` signature,
   the model (name and content identity: hashes of its U-Net and VAE files), dataset, mask ratio and
@@ -185,16 +186,60 @@ class Settings:
 
 
 class Store:
-    """``per_video.jsonl`` and ``timings.jsonl`` (rewritten atomically on every add) plus the I3D features
-    under ``features/``."""
+    """``per_video.jsonl`` and ``timings.jsonl`` (rewritten atomically on every add; rows in id order, so the bytes
+    do not depend on the order videos were scored in) plus the I3D features under ``features/``.
+
+    Several processes scoring into one folder never write the same file: after :meth:`use_part` a process adds its
+    rows to ``per_video.<part>.jsonl`` and ``timings.<part>.jsonl``; reading takes the main files and every part
+    file; :meth:`consolidate` (one process, when the others are done) merges the parts into the main files."""
 
     def __init__(self, out_dir: Path):
         self.dir = out_dir
         self.path = out_dir / "per_video.jsonl"
         self.timings_path = out_dir / "timings.jsonl"
         self.features = out_dir / "features"
-        self.rows = self._read(self.path)
-        self.timings = self._read(self.timings_path)
+        self.part: str | None = None
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the rows (and timings) of the main files and of every process's part file."""
+        self.rows = self._read_all(self.path)
+        self.timings = self._read_all(self.timings_path)
+
+    def _parts(self, main: Path) -> list[Path]:
+        return sorted(main.parent.glob(f"{main.stem}.*{main.suffix}")) if main.parent.is_dir() else []
+
+    def _read_all(self, main: Path) -> dict[str, dict]:
+        rows = self._read(main)
+        for part in self._parts(main):
+            rows.update(self._read(part))
+        return rows
+
+    def _part_path(self, main: Path) -> Path:
+        return main.with_name(f"{main.stem}.{self.part}{main.suffix}")
+
+    def use_part(self, part: str) -> None:
+        """From now on write rows to ``per_video.<part>.jsonl`` (keeping the rows it already holds: an earlier,
+        killed run's)."""
+        if not part or not all(ch.isalnum() or ch in "-_" for ch in part):
+            raise ValueError(f"bad part name {part!r}")
+        self.part = part
+        self._own_rows = self._read(self._part_path(self.path))
+        self._own_timings = self._read(self._part_path(self.timings_path))
+
+    def consolidate(self) -> bool:
+        """Merge every part file into ``per_video.jsonl`` / ``timings.jsonl`` (re-read from disk) and remove the
+        parts; only when no other process writes. A kill in between leaves rows twice, which read as once.
+        Returns True if there was anything to merge."""
+        self.reload()
+        parts = self._parts(self.path) + self._parts(self.timings_path)
+        if not parts:
+            return False
+        write_atomic(self.path, self._jsonl(self.rows), skip_same=True)
+        write_atomic(self.timings_path, self._jsonl(self.timings), skip_same=True)
+        for p in parts:
+            p.unlink(missing_ok=True)
+        return True
 
     @staticmethod
     def _read(path: Path) -> dict[str, dict]:
@@ -223,15 +268,25 @@ class Store:
 
     @staticmethod
     def _jsonl(rows: dict[str, dict]) -> str:
-        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows.values())
+        return "".join(json.dumps(rows[k], sort_keys=True) + "\n" for k in sorted(rows))
 
     def add(self, row: dict, timing: dict | None = None) -> None:
-        """Record a scored video: the row first (atomically), then its timing."""
+        """Record a scored video: the row first (atomically), then its timing (to this process's part files after
+        :meth:`use_part`)."""
         self.rows[row["id"]] = row
-        write_atomic(self.path, self._jsonl(self.rows))
+        if self.part is None:
+            write_atomic(self.path, self._jsonl(self.rows))
+        else:
+            self._own_rows[row["id"]] = row
+            write_atomic(self._part_path(self.path), self._jsonl(self._own_rows))
         if timing is not None:
-            self.timings[row["id"]] = {"id": row["id"], **timing}
-            write_atomic(self.timings_path, self._jsonl(self.timings))
+            entry = {"id": row["id"], **timing}
+            self.timings[row["id"]] = entry
+            if self.part is None:
+                write_atomic(self.timings_path, self._jsonl(self.timings))
+            else:
+                self._own_timings[row["id"]] = entry
+                write_atomic(self._part_path(self.timings_path), self._jsonl(self._own_timings))
 
     def feature_path(self, name: str) -> Path:
         self.features.mkdir(parents=True, exist_ok=True)
