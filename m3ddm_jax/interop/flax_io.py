@@ -65,7 +65,8 @@ def save_flax_folder(folder: str | os.PathLike, kind: str, config: Mapping, flat
     cfg = {k: v for k, v in dict(config).items() if k != "_m3ddm_jax"}
     cfg["_m3ddm_jax"] = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "kind": kind}
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    arrays = {path_to_str(p): np.require(np.asarray(a), requirements="C") for p, a in flat.items()}  # keeps 0-d arrays 0-d
+    # each array read once (``flat`` may read on lookup); keeps 0-d arrays 0-d
+    arrays = {path_to_str(p): np.require(np.asarray(flat[p]), requirements="C") for p in flat}
 
     def write_weights(path: Path) -> None:
         try:
@@ -107,9 +108,11 @@ def save_flax_folder(folder: str | os.PathLike, kind: str, config: Mapping, flat
     return folder
 
 
-def load_flax_folder(folder: str | os.PathLike) -> tuple[str, dict, dict[tuple, np.ndarray]]:
-    """Read a converted folder: ``(kind, config, {flax_path: array})``."""
-    from safetensors.numpy import load_file  # noqa: PLC0415
+def open_flax_folder(folder: str | os.PathLike):
+    """Open a converted folder without reading its weights: ``(kind, config, {flax_path: array})`` where the
+    mapping (a :class:`~m3ddm_jax.interop.keymap.LazyFlat`) reads each variable from the file when indexed."""
+    from m3ddm_jax.interop.keymap import LazyFlat  # noqa: PLC0415
+    from m3ddm_jax.interop.tensor_files import SafetensorsFile  # noqa: PLC0415
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -118,8 +121,15 @@ def load_flax_folder(folder: str | os.PathLike) -> tuple[str, dict, dict[tuple, 
         raise CheckpointError(f"{folder / CONFIG} is not an m3ddm-jax Flax config (no _m3ddm_jax format tag)")
     if tag.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder} was written by a newer m3ddm-jax (format version {tag.get('version')})")
+    source = SafetensorsFile(folder / FLAX_WEIGHTS)
+    return tag.get("kind", ""), cfg, LazyFlat.identity(source, {str_to_path(k): k for k in source})
+
+
+def load_flax_folder(folder: str | os.PathLike) -> tuple[str, dict, dict[tuple, np.ndarray]]:
+    """Read a converted folder: ``(kind, config, {flax_path: array})`` (every array in memory; loading a model
+    goes through :func:`open_flax_folder` instead)."""
+    kind, cfg, lazy = open_flax_folder(folder)
     try:
-        arrays = load_file(str(folder / FLAX_WEIGHTS))
-    except Exception as e:
-        raise CheckpointError(f"cannot read {folder / FLAX_WEIGHTS}: {type(e).__name__}: {e}") from e
-    return tag.get("kind", ""), cfg, {str_to_path(k): v for k, v in arrays.items()}
+        return kind, cfg, {p: lazy[p] for p in lazy}
+    finally:
+        lazy.source.close()

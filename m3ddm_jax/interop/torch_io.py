@@ -1,7 +1,7 @@
 """Reading and writing PyTorch-format state dicts as ``{key: numpy array}``.
 
-``.safetensors`` is read and written with the numpy backend of ``safetensors`` (no torch needed).
-``.bin`` (a ``torch.save`` pickle) needs torch; it is loaded with ``weights_only=True``.
+``.safetensors`` is read and written without torch, one tensor at a time (:mod:`.tensor_files`).
+``.bin`` (a ``torch.save`` pickle) needs torch; it is loaded with ``weights_only=True`` (memory-mapped).
 Arrays keep their stored dtype (fp16 stays fp16, int64 stays int64).
 """
 from __future__ import annotations
@@ -37,39 +37,12 @@ def _import_torch():
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load a ``.safetensors`` or ``.bin`` state dict as numpy arrays."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file  # noqa: PLC0415
+    """Load a ``.safetensors`` or ``.bin`` state dict as numpy arrays (all in memory; a model is loaded through
+    :func:`~m3ddm_jax.interop.tensor_files.open_tensor_file`, one tensor at a time, instead)."""
+    from m3ddm_jax.interop.tensor_files import open_tensor_file  # noqa: PLC0415
 
-            return dict(load_file(str(path)))
-        if path.suffix in (".bin", ".pt", ".pth"):
-            torch = _import_torch()
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(sd, dict) and "state_dict" in sd and not any(
-                hasattr(v, "shape") for v in sd.values()
-            ):
-                sd = sd["state_dict"]
-            out = {}
-            for k, v in sd.items():
-                if not hasattr(v, "detach"):
-                    raise CheckpointError(f"{path}: entry {k!r} is not a tensor")
-                v = v.detach().cpu()
-                if v.dtype == torch.bfloat16:
-                    import ml_dtypes  # noqa: PLC0415
-
-                    out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-                else:
-                    out[k] = v.numpy()
-            return out
-    except CheckpointError:
-        raise
-    except Exception as e:  # corrupt or truncated file
-        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
-    raise CheckpointError(f"unknown weights file type {path.suffix!r}: {path} (expected .safetensors or .bin)")
+    with open_tensor_file(path) as src:
+        return {k: src[k] for k in src}
 
 
 def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -86,10 +59,10 @@ def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> None
 
     tmp = new_file(path)  # .<name>.partial-<pid>-<random><suffix>, mode 0o666 minus the umask
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file  # noqa: PLC0415
+        if path.suffix == ".safetensors":  # one tensor in memory at a time (``sd`` may convert on lookup)
+            from m3ddm_jax.interop.tensor_files import dtype_of, shape_of, write_safetensors  # noqa: PLC0415
 
-            save_file({k: np.require(np.asarray(v), requirements="C") for k, v in sd.items()}, str(tmp))  # keeps 0-d arrays 0-d
+            write_safetensors(tmp, [(k, shape_of(sd, k), dtype_of(sd, k)) for k in sd], sd.__getitem__)
         else:
             torch = _import_torch()
             from collections import OrderedDict  # noqa: PLC0415

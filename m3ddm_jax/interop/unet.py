@@ -5,7 +5,8 @@
 * :func:`unet_torch_to_flax` / :func:`unet_flax_to_torch` - state-dict <-> ``{flax_path: array}``; dtypes are
   kept unless asked (an fp16 release stays fp16), ``num_batches_tracked`` is int64 in PyTorch, int32 in JAX.
 * :func:`load_unet` - a model from a converted Flax folder or from a PyTorch diffusers folder
-  (``config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``, converted on the fly).
+  (``config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``, converted on the fly), read one tensor
+  at a time straight into the model's buffers: the weights are in memory once (no state dict beside them).
 * :func:`save_unet_flax` / :func:`export_unet_torch` - write the Flax folder / the released PyTorch layout.
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from m3ddm_jax.errors import CheckpointError
-from m3ddm_jax.interop.flax_io import is_flax_folder, load_flax_folder, read_config, save_flax_folder
-from m3ddm_jax.interop.keymap import KeyTable, flat_arrays, path_to_str, state_from_flat
+from m3ddm_jax.interop.flax_io import is_flax_folder, open_flax_folder, read_config, save_flax_folder
+from m3ddm_jax.interop.keymap import KeyTable, cast_floats, flat_arrays, path_to_str, shape_of, state_from_flat
+from m3ddm_jax.interop.tensor_files import open_tensor_file
 from m3ddm_jax.interop.torch_io import find_torch_weights, read_state_dict, write_state_dict
 from m3ddm_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig, as_config
 
@@ -89,8 +91,8 @@ def _np_dtype(dtype):
 def build_unet(config, flat: Mapping[tuple, np.ndarray], weights_dtype=jnp.float32,
                **model_options) -> UNet3DConditionModel:
     """A model whose variables are ``flat`` (floats cast to ``weights_dtype``; ``None`` keeps them), built
-    from the abstract state (no random weights are allocated first). ``model_options`` go to
-    :class:`UNet3DConditionModel` (``dtype`` = compute dtype)."""
+    from the abstract state (no random weights are allocated first), one variable at a time.
+    ``model_options`` go to :class:`UNet3DConditionModel` (``dtype`` = compute dtype)."""
     cfg = as_config(config)
     wdt = None if weights_dtype is None else _np_dtype(weights_dtype)
     model_options.setdefault("param_dtype", wdt if wdt is not None else jnp.float32)
@@ -106,13 +108,16 @@ def read_torch_unet(folder: str | os.PathLike) -> tuple[UNet3DConfig, dict[str, 
     return cfg, read_state_dict(path), path
 
 
-def load_unet_flat(path: str | os.PathLike) -> tuple[UNet3DConfig, dict[tuple, np.ndarray]]:
-    """``(config, {flax_path: array})`` from a converted Flax folder or a PyTorch folder (converted on the fly)."""
+def load_unet_flat(path: str | os.PathLike) -> tuple[UNet3DConfig, Mapping[tuple, np.ndarray]]:
+    """``(config, {flax_path: array})`` from a converted Flax folder or a PyTorch folder (converted on the fly).
+
+    Keys, shapes and dtypes are checked now; the mapping (a :class:`~m3ddm_jax.interop.keymap.LazyFlat`)
+    reads and converts one tensor per lookup and caches nothing."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"U-Net folder not found: {path}")
     if is_flax_folder(path):
-        kind, cfg_dict, flat = load_flax_folder(path)
+        kind, cfg_dict, flat = open_flax_folder(path)
         if kind and kind != KIND:
             raise CheckpointError(f"{path} holds a converted {kind!r}, not a U-Net")
         cfg = UNet3DConfig.from_dict(cfg_dict)
@@ -128,12 +133,13 @@ def load_unet_flat(path: str | os.PathLike) -> tuple[UNet3DConfig, dict[tuple, n
                 + (f"unexpected {', '.join(extra[:6])}" if extra else "")
             )
         for p, shape in expected.items():
-            if tuple(flat[p].shape) != shape:
+            if shape_of(flat, p) != shape:
                 raise CheckpointError(
-                    f"{path}: variable {path_to_str(p)} has shape {list(flat[p].shape)}, the U-Net needs {list(shape)}")
+                    f"{path}: variable {path_to_str(p)} has shape {list(shape_of(flat, p))}, the U-Net needs {list(shape)}")
         return cfg, flat
-    cfg, sd, wpath = read_torch_unet(path)
-    return cfg, unet_torch_to_flax(sd, cfg, source=str(wpath))
+    cfg = UNet3DConfig.from_dict(read_config(path))
+    wpath = find_torch_weights(path)
+    return cfg, unet_key_table(cfg).to_flax_lazy(open_tensor_file(wpath), source=str(wpath))
 
 
 def load_unet(path: str | os.PathLike, dtype=jnp.float32, **model_options) -> UNet3DConditionModel:
@@ -146,7 +152,10 @@ def load_unet(path: str | os.PathLike, dtype=jnp.float32, **model_options) -> UN
     """
     compute_dtype = model_options.pop("compute_dtype", None)
     cfg, flat = load_unet_flat(path)
-    return build_unet(cfg, flat, dtype, dtype=compute_dtype, **model_options)
+    try:
+        return build_unet(cfg, flat, dtype, dtype=compute_dtype, **model_options)
+    finally:
+        flat.source.close()
 
 
 def unet_flat(model: UNet3DConditionModel) -> dict[tuple, np.ndarray]:
@@ -165,17 +174,13 @@ def save_unet_flax(model_or_flat, folder: str | os.PathLike, config=None, dtype=
             raise ValueError("save_unet_flax: pass the config with a flat weight dict")
         cfg, flat = as_config(config), dict(model_or_flat)
     table = unet_key_table(cfg)
-    flat = _check_flat(flat, table)
-    if dtype is not None:
-        dt = _np_dtype(dtype)
-        flat = {p: (a.astype(dt) if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16" else a)
-                for p, a in flat.items()}
-    return save_flax_folder(folder, KIND, cfg.to_dict(), flat)
+    flat = cast_floats(_check_flat(flat, table), None if dtype is None else _np_dtype(dtype))
+    return save_flax_folder(folder, KIND, cfg.to_dict(), flat)  # converted and written one tensor at a time
 
 
-def _check_flat(flat: Mapping[tuple, np.ndarray], table: KeyTable) -> dict:
-    table.to_torch(flat)  # raises CheckpointError naming missing/extra/mis-shaped variables
-    return {p: np.asarray(a) for p, a in flat.items()}
+def _check_flat(flat: Mapping[tuple, np.ndarray], table: KeyTable) -> Mapping:
+    table.check(flat)  # raises CheckpointError naming missing/extra/mis-shaped variables (nothing is read)
+    return flat
 
 
 def export_unet_torch(src, out_folder: str | os.PathLike, fmt: str = "safetensors", dtype=None,
@@ -198,7 +203,7 @@ def export_unet_torch(src, out_folder: str | os.PathLike, fmt: str = "safetensor
         if config is None:
             raise ValueError("export_unet_torch: pass the config with a flat weight dict")
         cfg, flat = as_config(config), dict(src)
-    sd = unet_flax_to_torch(flat, cfg, dtype)
+    sd = unet_key_table(cfg).to_torch_lazy(flat, None if dtype is None else np.dtype(_np_dtype(dtype)))
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
     write_state_dict(sd, out / TORCH_WEIGHT_FILES[fmt])

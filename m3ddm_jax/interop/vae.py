@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from m3ddm_jax.errors import CheckpointError
-from m3ddm_jax.interop.flax_io import is_flax_folder, load_flax_folder, read_config, save_flax_folder
+from m3ddm_jax.interop.flax_io import is_flax_folder, open_flax_folder, read_config, save_flax_folder
 from m3ddm_jax.interop.keymap import KeyTable, Path as FlaxPath, flat_arrays, state_from_flat
-from m3ddm_jax.interop.torch_io import find_torch_weights, read_state_dict, write_state_dict
+from m3ddm_jax.interop.tensor_files import open_tensor_file
+from m3ddm_jax.interop.torch_io import find_torch_weights, write_state_dict
 from m3ddm_jax.models.vae import AutoencoderKL, VAEConfig, as_vae_config, vae_from_config
 
 __all__ = [
@@ -118,20 +119,28 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32, **model_kwargs) -> Auto
 
     ``dtype``: parameter and computation dtype (``None`` keeps the stored dtype and lets computations follow
     the inputs). ``model_kwargs`` go to :class:`AutoencoderKL` (``attention_impl``, ``query_chunk``).
-    The model is assembled from the abstract state, so no random weights are ever allocated.
+    The model is assembled from the abstract state, so no random weights are ever allocated, and the file is
+    read one tensor at a time straight into the model's buffers (no state dict is held beside them).
     """
     folder = _resolve_folder(Path(path))
     if is_flax_folder(folder):
-        kind, raw_cfg, flat = load_flax_folder(folder)
-        if kind != KIND:
-            raise CheckpointError(f"{folder} holds converted {kind!r} weights, not a VAE")
-        cfg = VAEConfig.from_dict(raw_cfg)
-        vae_key_table(cfg).to_torch(flat)  # names every missing / unknown / mis-shaped variable
+        kind, raw_cfg, flat = open_flax_folder(folder)
+        try:
+            if kind != KIND:
+                raise CheckpointError(f"{folder} holds converted {kind!r} weights, not a VAE")
+            cfg = VAEConfig.from_dict(raw_cfg)
+            vae_key_table(cfg).check(flat)  # names every missing / unknown / mis-shaped variable
+        except BaseException:
+            flat.source.close()
+            raise
     else:
         cfg = VAEConfig.from_dict(read_config(folder))
         weights = find_torch_weights(folder)
-        flat = vae_torch_to_flax(read_state_dict(weights), cfg, source=str(weights))
-    return _build(cfg, flat, dtype, **model_kwargs)
+        flat = vae_key_table(cfg).to_flax_lazy(open_tensor_file(weights), source=str(weights))
+    try:
+        return _build(cfg, flat, dtype, **model_kwargs)
+    finally:
+        flat.source.close()
 
 
 def _model_flat(model: AutoencoderKL) -> dict[FlaxPath, np.ndarray]:
@@ -151,7 +160,7 @@ def save_vae_flax(
         if config is None:
             raise ValueError("save_vae_flax: a config is needed with a flat weight dict")
         cfg, flat = as_vae_config(config), dict(model_or_flat)
-    vae_key_table(cfg).to_torch(flat)  # refuse to write weights that do not fit the config
+    vae_key_table(cfg).check(flat)  # refuse to write weights that do not fit the config (shapes only)
     return save_flax_folder(folder, KIND, cfg.to_dict(), flat)
 
 
@@ -173,11 +182,11 @@ def export_vae_torch(
         folder = _resolve_folder(Path(source))
         if not is_flax_folder(folder):
             raise CheckpointError(f"{folder} is not a converted Flax VAE folder (no flax_model.safetensors)")
-        kind, raw_cfg, flat = load_flax_folder(folder)
+        kind, raw_cfg, flat = open_flax_folder(folder)
         if kind != KIND:
             raise CheckpointError(f"{folder} holds converted {kind!r} weights, not a VAE")
         cfg = VAEConfig.from_dict(raw_cfg)
-    state_dict = vae_flax_to_torch(flat, cfg, dtype)
+    state_dict = vae_key_table(cfg).to_torch_lazy(flat, dtype=None if dtype is None else np.dtype(dtype))
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
     for other in TORCH_WEIGHTS.values():  # a stale file of the other format would shadow or confuse loaders
