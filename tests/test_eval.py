@@ -622,3 +622,122 @@ def test_store_write_failure_keeps_old_rows(tmp_path, monkeypatch):
         store.add({"id": "b", "mse": 0.25})
     assert (tmp_path / "per_video.jsonl").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["per_video.jsonl"]
+
+
+# -- several processes (jax.distributed on localhost, CPU) ------------------------------------------------------------
+
+METRIC_KEYS = ("mse", "psnr", "ssim", "lpips", "bmse")
+
+
+def jsonl(path: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_eval_two_processes_write_the_same_table(env, light, tmp_path):
+    """eval.py --multihost as 2 jax.distributed processes on localhost (CPU): each scores its (sequence, dataset)
+    units into its own row file, process 0 merges them after the barrier and writes the table; rows, features
+    and table equal the 1-process run's (`light`) to float rounding."""
+    out = tmp_path / "two"
+    port = free_port()
+    procs = [subprocess.Popen(eval_cmd(env, out, *LIGHT, "--config.save_videos=True", "--config.lossless_videos=True",
+                                       "--multihost", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                       f"--process_id={i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, **SUBPROCESS_ENV})
+             for i in range(2)]
+    try:
+        results = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, se) in zip(procs, results):
+        assert p.returncode == 0, se[-3000:]
+    se0, se1 = results[0][1], results[1][1]
+    assert "process 0 of 2: " in se0 and "0 already scored, 2 to score (1 here)" in se0, se0
+    assert "scored 1 videos" in se0 and "table" in se0
+    assert "process 1 of 2: 1 of 2 videos to score here" in se1 and "scored 1 videos" in se1, se1
+    assert "table" not in se1  # only process 0 writes the table
+    assert not list(out.glob("*.process*.jsonl")) and not list(out.glob(".*.tmp"))  # merged, removed
+
+    ref, got = jsonl(light["out"] / "per_video.jsonl"), jsonl(out / "per_video.jsonl")
+    assert got.keys() == ref.keys() and len(got) == 2
+    diffs = []
+    for rid, row in ref.items():
+        assert {k: v for k, v in got[rid].items() if k not in METRIC_KEYS} == {
+            k: v for k, v in row.items() if k not in METRIC_KEYS}
+        diffs += [abs(got[rid][k] - row[k]) for k in METRIC_KEYS]
+    s_ref = json.loads(light["tables"]["summary.json"])["rows"]
+    s_got = json.loads((out / "summary.json").read_text())["rows"]
+    assert len(s_got) == len(s_ref) == 1
+    for a, b in zip(s_got, s_ref):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(b[k], float):
+                diffs.append(abs(a[k] - b[k]))
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+            else:
+                assert a[k] == b[k], k
+    feats_ref, feats_got = light["features"], features_bytes(out)
+    assert feats_got.keys() == feats_ref.keys()
+    for name in feats_ref:
+        a, b = np.load(out / "features" / name), np.load(light["out"] / "features" / name)
+        diffs.append(float(np.abs(a - b).max()))
+    print(f"\n2 processes vs 1: max abs difference over row metrics, table entries and I3D features {max(diffs):.3g}")
+    for rid, row in ref.items():
+        for k in METRIC_KEYS:
+            np.testing.assert_allclose(got[rid][k], row[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    if max(diffs) == 0:  # the same numbers: the same bytes
+        assert table_bytes(out) == light["tables"]
+
+
+def test_eval_rerun_after_a_killed_process_scores_only_its_share(env, light, tmp_path):
+    """What a 2-process run leaves when process 1 is killed halfway through writing its row: process 0's row in
+    per_video.process0.jsonl (never merged), process 1's half-written temporary, no table. A rerun plans only the
+    missing video (the row file's row counts as scored), removes the temporary before writing, and merges the row
+    file into per_video.jsonl (the end-to-end rerun after a kill, byte for byte: test_eval_killed_mid_write_...)."""
+    import shutil
+
+    ev = eval_module()
+    out = tmp_path / "out"
+    shutil.copytree(light["out"], out, ignore=shutil.ignore_patterns("videos"))
+    rows, timings = jsonl(out / "per_video.jsonl"), jsonl(out / "timings.jsonl")
+    kept = next(r for r in rows.values() if r["sequence"] == SEQS[0])
+    lost = next(r for r in rows.values() if r["sequence"] == SEQS[1])
+    (out / "per_video.process0.jsonl").write_text(json.dumps(kept, sort_keys=True) + "\n")
+    (out / "timings.process0.jsonl").write_text(json.dumps(timings[kept["id"]], sort_keys=True) + "\n")
+    (out / ".per_video.process1.jsonl.abc123.tmp").write_text(json.dumps(lost)[:40])
+    for name in ("per_video.jsonl", "timings.jsonl", *TABLE_FILES[1:], f"features/{lost['fvd_file']}"):
+        (out / name).unlink()
+    p = ev.plan(light_config(env, out))
+    assert [(seq, ds, r) for seq, ds, r, _ in p.work] == [(SEQS[1], "davis", 0.25)]
+    assert [x[0] for x in p.share(0, 2)] == [] and [x[0] for x in p.share(1, 2)] == [SEQS[1]]  # process 1's share
+    p.store.clean()
+    assert not list(out.glob(".*.tmp"))
+    p.store.add(lost, {k: v for k, v in timings[lost["id"]].items() if k != "id"})  # the rerun's row (1 process)
+    assert p.store.consolidate()
+    assert (out / "per_video.jsonl").read_bytes() == light["tables"]["per_video.jsonl"]
+    assert jsonl(out / "timings.jsonl") == timings
+    assert not list(out.glob("*.process*.jsonl"))
+
+
+def test_plan_share_splits_units_over_processes(env, light, tmp_path):
+    """Plan.share: (sequence, dataset) units dealt out in order, unit i to process i % n; every pending video in
+    exactly one share."""
+    ev = eval_module()
+    p = ev.plan(light_config(env, tmp_path / "empty", **{"data.datasets": "davis,davis_static", "masks.ratios": "0.25,0.66"}))
+    assert len(p.work) == 8
+    shares = [p.share(i, 3) for i in range(3)]
+    assert sorted(x for s in shares for x in s) == sorted(p.work)
+    units = [(seq, ds) for seq in SEQS for ds in ("davis", "davis_static")]
+    for i, share in enumerate(shares):
+        assert {(x[0], x[1]) for x in share} == set(units[i::3])
+    assert p.share(0, 1) == p.work
