@@ -382,6 +382,7 @@ def build_demo(op: Outpaint, weights_name: str):
         def outpaint(path, target_v, custom_v, left, right, top, bottom, size_v, steps_v, seed_v, full_v, tight_v,
                      job_v, progress=gr.Progress()):
             """Outpaint the upload; streams status lines, then the result."""
+            job_v = job_v or op.new_job()  # an API call comes without the page's Run click
             req = Request(target_v, custom_v, (left, right, top, bottom), size_v or 0, steps_v or 0,
                           0 if seed_v is None else seed_v, bool(full_v), bool(tight_v))
             clear = (gr.update(value=None), gr.update(value=None), None, "")
@@ -421,8 +422,7 @@ def build_demo(op: Outpaint, weights_name: str):
                 if worker.is_alive():
                     op.cancel(job_v)
                     worker.join()
-                if job_v:
-                    op.finish_job(job_v)
+                op.finish_job(job_v)
             err = box.get("error")
             if isinstance(err, Cancelled):
                 yield (f"{cancelled_line(err.args[0] if err.args else None)}; nothing was written.", *clear)
@@ -442,7 +442,7 @@ def build_demo(op: Outpaint, weights_name: str):
 
         inputs = [upload, target, custom, *pads, size, steps, seed, full_res, tight, job]
         outputs = [status, out_video, out_image, download, summary]
-        run_event = run_btn.click(start, None, [job, status], queue=False, api_visibility="private").then(
+        run_btn.click(start, None, [job, status], queue=False, api_visibility="private").then(
             outpaint, inputs, outputs, concurrency_limit=1, concurrency_id="device", api_name="outpaint",
             show_progress="minimal", show_progress_on=[out_video])
 
@@ -452,7 +452,6 @@ def build_demo(op: Outpaint, weights_name: str):
             return gr.update()
 
         cancel_btn.click(on_cancel, job, status, queue=False, api_visibility="private")
-        del run_event
     return demo
 
 
@@ -518,11 +517,15 @@ def main(argv=None) -> int:
 
         theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
         try:
-            demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                        max_file_size=f"{args.max_mb}mb" if args.max_mb else None, theme=theme, css=CSS,
-                        show_error=True)
+            _, local_url, share_url = demo.launch(
+                server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, quiet=True,
+                max_file_size=f"{args.max_mb}mb" if args.max_mb else None, theme=theme, css=CSS, show_error=True,
+                prevent_thread_lock=True)
         except OSError as e:  # port taken, bad host
             raise UserError(f"cannot serve: {str(e).splitlines()[0]}") from e
+        print(f"{PROG}: serving {local_url}" + (f" and {share_url}" if share_url else "")
+              + "; Ctrl+C stops", flush=True)
+        demo.block_thread()
         return 0
 
     return run_main(PROG, run)

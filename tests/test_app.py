@@ -309,3 +309,63 @@ def test_app_offline_default_weights_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("app.py: error: "), r.stderr
     assert "python -m m3ddm_jax.download" in lines[0] and "--weights DIR" in lines[0], lines[0]
     assert not list(tmp_path.glob("m3ddm-app-*")), "a temporary folder was left behind"
+
+
+def test_checks_without_a_browser(tmp_path):
+    """The app's checks and housekeeping (app.Outpaint, no model, no server): limits, impossible shapes, pruning."""
+    sys.path.insert(0, str(REPO))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(REPO))
+    from m3ddm_jax.errors import UserError
+
+    clip = make_clip(tmp_path / "clip.mp4", N_FRAMES, audio=False)
+    op = app.Outpaint(None, tmp_path / "work", app.Limits(max_mb=0, max_frames=0, max_seconds=0), keep_seconds=60)
+    probe = op.probe(clip)
+    assert (probe.num_frames, probe.width, probe.height, probe.fps, probe.is_image) == (N_FRAMES, W, H, FPS, False)
+
+    def refused(limits=None, path=clip, **req) -> str:
+        o = app.Outpaint(None, tmp_path / "work", limits) if limits else op
+        with pytest.raises(UserError) as e:
+            p = o.probe(path)
+            r = app.Request(**req)
+            ratio, pad = o.target(r)
+            o.check_geometry(p, ratio, pad, r)
+        return str(e.value)
+
+    size_mb = clip.stat().st_size / 1e6
+    assert refused(app.Limits(max_mb=size_mb / 2, max_frames=0, max_seconds=0)).startswith(
+        f"clip.mp4 is {size_mb:.1f} MB; this demo takes files up to")
+    assert "more than 16 frames" in refused(app.Limits(max_mb=0, max_frames=16, max_seconds=0))
+    assert refused(app.Limits(max_mb=0, max_frames=0, max_seconds=1)) == \
+        f"clip.mp4 lasts {N_FRAMES / FPS:.1f} s; this demo takes videos up to 1 s"
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video")
+    assert refused(path=text).startswith("notes.txt: not a video or an image this demo reads")
+    assert refused(target=app.CUSTOM, custom_ratio="16:0").startswith("ratio must be W:H with positive integers")
+    assert refused(target=app.CUSTOM, custom_ratio="") == "type a ratio W:H (e.g. 2:1) in the custom ratio box"
+    assert "too thin to outpaint" in refused(target=app.CUSTOM, custom_ratio="100:1", output_size=64)
+    assert refused(target=app.PADDING, pad=(0, 0, 0, 0)).startswith("padding is 0 on every side")
+    assert refused(target=app.PADDING, pad=(-1, 5, 0, 0)).startswith("padding must be four non-negative")
+    assert refused(output_size=32).startswith("output size must be at least 64")
+    assert refused(steps=1).startswith("steps must be at least 2")
+    assert app.Outpaint.target(app.Request(target=app.PADDING, pad=(10, 10.0, None, 0))) == (None, (10, 10, 0, 0))
+
+    # pruning: result folders older than the keep time go, newer ones stay
+    old, new = op.results / "old", op.results / "new"
+    for d in (old, new):
+        d.mkdir()
+        (d / "x.mp4").write_bytes(b"0")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    assert op.prune() == 1 and not old.exists() and new.exists()
+
+    # cancel marks only the named job; the message names where the run stopped
+    job = op.new_job()
+    assert op.cancel(job) and op.jobs[job].is_set() and not op.cancel("nope")
+    from m3ddm_jax.outpaint.pipeline import Progress
+
+    assert app.cancelled_line(Progress(step=1, total_steps=8, window=0, windows=2)) == \
+        "Cancelled: stopped at the end of window 1/2 (4 of 8 steps done)"
+    assert app.cancelled_line(Progress(step=4, total_steps=8, window=1, windows=2)) == \
+        "Cancelled: stopped at the end of window 1/2 (4 of 8 steps done)"
