@@ -519,7 +519,7 @@ def main(argv=None) -> int:
         try:
             _, local_url, share_url = demo.launch(
                 server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, quiet=True,
-                max_file_size=f"{args.max_mb}mb" if args.max_mb else None, theme=theme, css=CSS, show_error=True,
+                max_file_size=int(args.max_mb * 1e6) if args.max_mb else None, theme=theme, css=CSS, show_error=True,
                 prevent_thread_lock=True)
         except OSError as e:  # port taken, bad host
             raise UserError(f"cannot serve: {str(e).splitlines()[0]}") from e

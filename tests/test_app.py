@@ -4,8 +4,8 @@ The app runs as a child process on a free localhost port with the tiny weights; 
 Playwright with the system browser, uploads a generated 9:16 clip (with an audio track), asks for 16:9 with
 2 steps at a 64-px output, cancels a first run (it stops at its window's end and writes nothing), runs again,
 downloads the MP4 and checks frame count, frame rate, aspect and audio; then a text file renamed ``.mp4``, a
-clip over ``--max-frames`` and an impossible ratio each show their message in the page, and a last run still
-succeeds. A screenshot of the finished page goes to ``tmp_path`` (to ``docs/demo.png`` with
+clip over ``--max-frames``, a file over ``--max-mb`` and an impossible ratio each show their message in the
+page, and a last run still succeeds. A screenshot of the finished page goes to ``tmp_path`` (to ``docs/demo.png`` with
 ``M3DDM_UPDATE_SCREENSHOT=1``). Skipped only when Chromium, Playwright or Gradio (the ``demo`` extra) is not
 installed; CI installs all three.
 """
@@ -30,6 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 N_FRAMES, W, H, FPS = 17, 72, 128, 12  # 9:16
 MAX_FRAMES = 40                         # the app's --max-frames in this test
+MAX_MB = 1.5                            # and its --max-mb
 
 
 def chromium_path() -> str | None:
@@ -86,7 +87,7 @@ class App:
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "app.py"), "--weights", "tiny", "--port", str(self.port),
-             "--max-frames", str(MAX_FRAMES)],
+             "--max-frames", str(MAX_FRAMES), "--max-mb", str(MAX_MB)],
             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def text(self) -> str:
@@ -209,6 +210,8 @@ def test_app_in_browser(browser_kit, tmp_path):
     long_clip = make_clip(tmp_path / "long_clip.mp4", MAX_FRAMES + 1, audio=False)
     not_video = tmp_path / "notes.mp4"
     not_video.write_text("these are notes, not a video\n" * 20)
+    too_big = tmp_path / "too_big.mp4"
+    too_big.write_bytes(clip.read_bytes() + bytes(int(MAX_MB * 1e6)))
 
     app = App(tmp_path / "app.log")
     try:
@@ -282,6 +285,10 @@ def test_app_in_browser(browser_kit, tmp_path):
                 upload(page, long_clip)
                 text = wait_status(page, app, r"^(Ready|Error)", 60)
                 assert text.startswith(f"Error: long_clip.mp4 has more than {MAX_FRAMES} frames"), text
+
+                upload(page, too_big)  # refused before it is sent: Gradio's own message, from --max-mb
+                page.get_by_text(re.compile(r'exceed the maximum allowed size .*"too_big\.mp4"')).first.wait_for(
+                    timeout=30_000)
 
                 upload(page, clip)
                 wait_status(page, app, r"^Ready", 60)
