@@ -133,6 +133,7 @@ def test_waves_equal_sequential(models, sequential, strides, n_waves):
     unet, vae = models
     seq = sequential(strides)
     op = Outpainter(unet, vae, OutpaintConfig(**BASE, strides=strides, window_batch=4))
+    assert [op.call_size(k, 4) for k in (1, 2, 3, 4)] == [1, 2, 4, 4]
     res = op(_clip(), 24.0)
     assert (res.windows, res.waves) == (seq.windows, n_waves) and seq.waves == seq.windows
     err = _err(res.latents, seq.latents)
@@ -148,13 +149,18 @@ def test_waves_equal_sequential(models, sequential, strides, n_waves):
 
 
 def test_two_videos_share_calls(models, sequential):
-    """Two same-shape videos through outpaint_many: wave k of both in one call; each result as if alone."""
+    """Two same-shape videos through outpaint_many: wave k of both in one call, every call padded to 4 windows
+    (``pad_calls="max"``: one compile); each result as if alone."""
     unet, vae = models
-    op = Outpainter(unet, vae, OutpaintConfig(**BASE, window_batch=4))
+    op = Outpainter(unet, vae, OutpaintConfig(**BASE, window_batch=4, pad_calls="max"))
+    assert [op.call_size(k, 4) for k in (1, 2, 4)] == [4, 4, 4]
     clip = _clip()
     short = clip[:20]
+    traces = op.denoiser.trace_count
     both = op.outpaint_many([(clip, 24.0), (short, 24.0)])
+    t1 = op.denoiser.trace_count
     alone = op(short, 24.0)
+    assert t1 - traces <= 1 and op.denoiser.trace_count == t1  # one 4-window program (maybe compiled earlier)
     assert both[0].shape == (N_FRAMES, 36, 64, 3) and both[1].shape == (20, 36, 64, 3)
     e0, e1 = _err(both[0].latents, sequential((15, 5, 1)).latents), _err(both[1].latents, alone.latents)
     print(f"\n  two videos in shared calls: max abs diff {e0:.3g} (69 frames), {e1:.3g} (20 frames)")

@@ -49,7 +49,8 @@ class OutpaintConfig:
     vae_chunk: int = 8                          # frames per VAE encode/decode call
     guidance_rows: int = 3                      # two-factor guidance: 3 (rows the combination reads) or 4 (reference)
     schedule: str = "waves"                     # "waves" (independent windows at once) or "sequential" (one by one)
-    window_batch: int = 0                       # windows per denoiser call (0: auto, from devices and memory)
+    window_batch: int = 0                       # most windows per denoiser call (0: auto, from devices and memory)
+    pad_calls: str = "pow2"                     # pad a call to the next devices x 2^i windows, or "max" (window_batch)
     devices: int = 0                            # local devices to use (0: all); the window axis is sharded over them
     return_latents: bool = False                # keep every frame's final latent in the result (``latents``)
 
@@ -66,6 +67,8 @@ class OutpaintConfig:
             raise ConfigError(f"guidance_rows must be 3 or 4, got {self.guidance_rows}")
         if self.schedule not in ("waves", "sequential"):
             raise ConfigError(f"schedule must be 'waves' or 'sequential', got {self.schedule!r}")
+        if self.pad_calls not in ("pow2", "max"):
+            raise ConfigError(f"pad_calls must be 'pow2' or 'max', got {self.pad_calls!r}")
         if self.window_batch < 0 or self.devices < 0:
             raise ConfigError("window_batch and devices must be >= 0 (0: automatic)")
 
@@ -134,6 +137,18 @@ class Outpainter:
         b = self.config.window_batch or n_dev * auto_windows(self.mesh, self._unet, latent_hw, self.guidance)
         return -(-b // n_dev) * n_dev
 
+    def call_size(self, k: int, batch: int) -> int:
+        """The padded size of a call of ``k <= batch`` windows: ``batch`` (``pad_calls="max"``: one compile per
+        canvas shape), or the smallest devices x 2^i >= k (``"pow2"``, default: at most 1 + log2(batch / devices)
+        compiles per canvas shape, and a wave of one window does not pay for ``batch``)."""
+        n_dev = self.denoiser.num_devices
+        if self.config.pad_calls == "max":
+            return batch
+        size = n_dev
+        while size < k:
+            size *= 2
+        return min(size, batch)
+
     def __call__(self, frames, fps: float, progress: bool | Callable = False,
                  sink: Callable[[np.ndarray], None] | None = None) -> OutpaintResult:
         """Outpaint uint8 ``frames (N, H, W, 3)``, or a lazy source of them (a
@@ -157,7 +172,8 @@ class Outpainter:
 
         Videos whose canvases have the same latent shape run together: wave ``k`` of every video (see
         :func:`~m3ddm_jax.outpaint.windows.window_waves`) goes through the denoiser in calls of
-        :meth:`window_batch` windows (the last call padded), one compile per canvas shape. The result equals
+        at most :meth:`window_batch` windows, each call padded to :meth:`call_size` (copies of a window whose
+        result is dropped), each padded size compiled once per canvas shape. The result equals
         running the windows one by one in plan order up to float rounding (batched convolutions)."""
         t0 = time.perf_counter()
         jobs = [tuple(j) + (None,) * (3 - len(j)) for j in jobs]
@@ -179,7 +195,7 @@ class Outpainter:
             b = self.window_batch(hw)
             for level in range(max(len(v.waves) for v in vs)):
                 items = [(v, wi) for v in vs if level < len(v.waves) for wi in v.waves[level]]
-                plan += [(b, items[k:k + b]) for k in range(0, len(items), b)]
+                plan += [(self.call_size(len(items[k:k + b]), b), items[k:k + b]) for k in range(0, len(items), b)]
         for _, items in plan:
             for v in {id(v): v for v, _ in items}.values():
                 v.calls_left += 1
