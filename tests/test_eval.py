@@ -741,3 +741,24 @@ def test_plan_share_splits_units_over_processes(env, light, tmp_path):
     for i, share in enumerate(shares):
         assert {(x[0], x[1]) for x in share} == set(units[i::3])
     assert p.share(0, 1) == p.work
+
+
+def test_signature_ignores_how_the_work_is_laid_out(monkeypatch):
+    """Windows per call, call padding and device count (report.LAYOUT_FIELDS) do not change the settings signature,
+    so rows survive a run on another machine; a sampler setting does."""
+    import dataclasses
+
+    from m3ddm_jax.metrics.report import LAYOUT_FIELDS, Settings
+    from m3ddm_jax.outpaint.pipeline import OutpaintConfig
+
+    s = Settings("reference", "16:9", 256, "square", (5, 3, 1), None, 50, 6, "float32", "horizontal", (0.25,),
+                 ("davis",), "files", "480p", None, None, 100.0)
+    base, cfg = s.signature(), s.outpaint_config()
+    fields = {f.name for f in dataclasses.fields(OutpaintConfig)}
+    layout = {k: v for k, v in {"window_batch": 8, "pad_calls": "max", "devices": 2, "return_latents": True}.items()
+              if k in fields and k in LAYOUT_FIELDS}
+    assert layout, "OutpaintConfig has none of the layout fields"
+    monkeypatch.setattr(Settings, "outpaint_config", lambda self: dataclasses.replace(cfg, **layout))
+    assert s.signature() == base
+    monkeypatch.setattr(Settings, "outpaint_config", lambda self: dataclasses.replace(cfg, guidance_scale=3.0))
+    assert s.signature() != base

@@ -137,6 +137,11 @@ def model_identity(unet_digest: str, vae_digest: str) -> str:
     return f"unet:{unet_digest[:16]} vae:{vae_digest[:16]}"
 
 
+#: OutpaintConfig fields that do not enter the settings signature: windows per call, call padding, devices, what
+#: the result keeps (the same videos, batched differently: equal up to float rounding)
+LAYOUT_FIELDS = ("window_batch", "pad_calls", "devices", "return_latents")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The evaluation settings that shape the numbers (see :meth:`signature`)."""
@@ -173,11 +178,13 @@ class Settings:
     def signature(self) -> str:
         """Everything that changes a row's numbers, except the model, dataset, ratio and sequence: these
         settings, the complete sampler configuration, the protocol's definition and the metric weights'
-        content hashes. (The model's content identity is part of each row's id.)"""
+        content hashes. (The model's content identity is part of each row's id.) Left out: the sampler fields in
+        :data:`LAYOUT_FIELDS`, which say how the work is laid out on the devices, not what is computed."""
         d = dataclasses.asdict(self)
         for k in ("ratios", "datasets"):
             d.pop(k)
-        d["outpaint_config"] = dataclasses.asdict(self.outpaint_config())
+        d["outpaint_config"] = {k: v for k, v in dataclasses.asdict(self.outpaint_config()).items()
+                                if k not in LAYOUT_FIELDS}
         d["protocol_definition"] = dataclasses.asdict(get_protocol(self.protocol))
         return short_hash(json.dumps(d, sort_keys=True, default=list), 12)
 
