@@ -75,6 +75,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--guidance-scale", type=float, default=2.0, help="local (masked video) guidance scale (default 2)")
     p.add_argument("--global-guidance-scale", type=float, default=4.0, help="global-frame guidance scale (default 4)")
     p.add_argument("--global-frames", type=int, default=16, help="number of global frames (default 16)")
+    p.add_argument("--guidance-rows", type=int, choices=(3, 4), default=3,
+                   help="U-Net rows per window with both guidance scales > 1: 3 (uu, cu, cc; default) or 4 "
+                        "(the reference's batch, whose uc row the guidance never reads)")
+    p.add_argument("--schedule", choices=("waves", "sequential"), default="waves",
+                   help="waves (default): windows that do not depend on each other run in one denoiser call; "
+                        "sequential: one window at a time, in the reference's order")
+    p.add_argument("--window-batch", type=int, default=0, metavar="N",
+                   help="most windows per denoiser call (default 0: the local devices x what one holds)")
+    p.add_argument("--devices", type=int, default=0, metavar="N",
+                   help="local devices to use (default 0: all); the windows of a call are sharded over them")
     p.add_argument("--limit", type=int, default=None, help="outpaint only the first N frames")
     p.add_argument("--png-frames", default=None, metavar="DIR",
                    help="also write every output frame as PNG into DIR (new, empty, or holding only earlier frames)")
@@ -345,6 +355,8 @@ def main(argv=None) -> int:
                     num_global_frames=args.global_frames, limit=args.limit, sampler=args.sampler, steps=args.steps,
                     guidance_scale=args.guidance_scale, global_guidance_scale=args.global_guidance_scale,
                     seed=args.seed, full_res=args.full_res, feather=args.feather,
+                    guidance_rows=args.guidance_rows, schedule=args.schedule, window_batch=args.window_batch,
+                    devices=args.devices,
                 )
                 run_many(Outpainter(unet, vae, cfg), jobs, videos_per_call=args.videos_per_call,
                          progress=not args.quiet, on_outcome=report)
