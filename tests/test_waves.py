@@ -47,7 +47,8 @@ def _err(a, b) -> float:
 # -- three rows -----------------------------------------------------------------------------------------------
 
 def test_three_rows_equal_four_rows(models):
-    """uu, cu, cc (3 rows) give the guided eps of the reference's 4-row batch; windows batch independently.
+    """uu, cu, cc (3 rows) give the guided eps of the reference's 4-row batch (windows batched independently:
+    test_waves_equal_sequential).
 
     3 rows x 4 windows and 4 rows x 3 windows are both 12 U-Net rows, so XLA runs the same kernels: with
     different row counts CPU convolutions round differently (a few ulp of the raw output, which the guidance
@@ -74,14 +75,6 @@ def test_three_rows_equal_four_rows(models):
     err = _err(eps[3][:3], eps[4])
     print(f"\n  guided eps, 3 rows vs 4 rows: max abs {err:.3g} (|eps| max {np.abs(eps[4]).max():.3g})")
     assert err <= 1e-6
-    # window 1 alone gives window 1 of the batch (rows never mix windows; the batch size only rounds)
-    g = Guidance(2.0, 4.0, rows=3)
-    fn1 = Denoiser(graphdef, spec, g, report=False).eps_fn_for_test(state, cond[1], uncond[1], mask[1], umask[1],
-                                                                    glob[1], fps[1])
-    alone = np.asarray(combine(jax.jit(fn1)(x[1:2], 961)[1], g))[0]
-    e1 = _err(alone, eps[3][1])
-    print(f"  window 1 alone vs in a batch of 4: max abs {e1:.3g}")
-    assert e1 <= 1e-4
     # and the windows really differ (a mix-up of windows, fps or global frames would show)
     assert min(_err(eps[3][i], eps[3][j]) for i in range(4) for j in range(i)) > 1e-2
 
