@@ -18,7 +18,8 @@ compare two commits:
     nice -n 10 python bench/load.py run --weights /tmp/fullsize/torch --step --repo /tmp/before --label before
     nice -n 10 python bench/load.py run --weights /tmp/fullsize/torch --step --label after
 
-Each run appends one JSON line to ``--out`` (default ``bench/load_results.jsonl``). Never run by CI.
+Each run appends one JSON line to ``--out`` (default ``bench/load_results.jsonl``). The weights are random, so
+the step's output means nothing (it is not even finite: ``finite`` is reported, not checked). Never run by CI.
 """
 from __future__ import annotations
 
