@@ -61,3 +61,16 @@ def test_frame_limit_and_bad_strides():
             parse_strides(bad)
     with pytest.raises(ConfigError):
         plan_windows(0)
+
+
+def test_too_thin_a_target_is_refused():
+    """100:1 at 64 px would be a 64x0 output: one ConfigError naming the sizes, not an empty video."""
+    from m3ddm_jax.errors import ConfigError
+    from m3ddm_jax.outpaint.geometry import MIN_SIDE, make_geometry
+
+    with pytest.raises(ConfigError, match="too thin: a 64-px output would be 64x0"):
+        make_geometry(640, 360, ratio="100:1", output_size=64)
+    with pytest.raises(ConfigError, match="too thin"):
+        make_geometry(360, 640, pad=(0, 0, 5000, 5000), output_size=64)
+    g = make_geometry(640, 360, ratio="8:1", output_size=64)
+    assert (g.out_w, g.out_h) == (64, MIN_SIDE)

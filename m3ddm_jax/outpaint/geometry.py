@@ -98,6 +98,9 @@ class Geometry:
         return self.frame_top - self.box_top, self.frame_left - self.box_left
 
 
+MIN_SIDE = 8  # pixels: one latent; a thinner output has nothing to generate into
+
+
 def make_geometry(src_h: int, src_w: int, *, ratio: str | Fraction | None = None,
                   pad: tuple[int, int, int, int] | None = None, output_size: int = 256,
                   canvas: str = "square") -> Geometry:
@@ -132,6 +135,10 @@ def make_geometry(src_h: int, src_w: int, *, ratio: str | Fraction | None = None
         out_h, out_w = max(1, round(t_h * scale)), max(1, round(t_w * scale))
         full_h, full_w, full_top, full_left = int(t_h), int(t_w), top, left
 
+    if min(out_h, out_w) < MIN_SIDE:
+        raise ConfigError(f"the target shape is too thin: a {output_size}-px output would be {out_w}x{out_h} "
+                          f"pixels (each side needs at least {MIN_SIDE}); use a less extreme ratio or a larger "
+                          "output size")
     frame_h = min(out_h, max(1, int(src_h * scale)))
     frame_w = min(out_w, max(1, int(src_w * scale)))
     if canvas == "square":
