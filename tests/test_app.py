@@ -180,9 +180,18 @@ def upload(page, path: Path) -> None:
 
 
 def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input")
-    box.fill(str(value))
-    box.press("Tab")
+    """Type ``value`` into a number box and make sure the app took it (Gradio may re-render the box while a
+    status update streams in, dropping a value typed at that moment)."""
+    box = page.locator(f"#{elem_id} input").first
+    for _ in range(20):
+        box.fill(str(value))
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == str(value):
+            page.wait_for_timeout(300)
+            if box.input_value() == str(value):
+                return
+    pytest.fail(f"the {elem_id} box kept {box.input_value()!r}, not {value!r}")
 
 
 def run_and_wait(page, app: App, timeout: float = 150) -> str:
