@@ -177,18 +177,27 @@ class Denoiser:
 
     def _denoise(self, unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
         self.trace_count += 1  # runs at trace time only
+        raw = self._raw_eps(unet_state, cond, uncond, mask, umask, global_latents, fps)
+
+        def eps_fn(x, t):
+            return combine(raw(x, t)[1], self.guidance).astype(x.dtype)
+
+        return run_sampler(self.spec, eps_fn, x_start, on_step=_on_step if self.report else None)
+
+    def _raw_eps(self, unet_state, cond, uncond, mask, umask, global_latents, fps):
+        """``(x, t) -> (U-Net rows, raw U-Net output)`` for windows with these conditions; the global encoder's
+        tokens are computed here, once, outside any denoising loop."""
         model = nnx.merge(self.graphdef, unet_state)
         g = self.guidance
         r = g.unet_guidance
-        context = model.window_context(global_latents, g.global_rows)  # once per call, outside the loop
+        context = model.window_context(global_latents, g.global_rows)
         fps_rows = jnp.repeat(fps, r)
 
-        def eps_fn(x, t):
+        def raw(x, t):
             rows = unet_rows(x, cond, uncond, mask, umask, g)
-            out = model(rows, t, None, fps_rows, guidance=r, context=context)
-            return combine(out, g).astype(x.dtype)
+            return rows, model(rows, t, None, fps_rows, guidance=r, context=context)
 
-        return run_sampler(self.spec, eps_fn, x_start, on_step=_on_step if self.report else None)
+        return raw
 
     def __call__(self, unet_state, x_start, cond, uncond, mask, umask, global_latents, fps):
         if cond.ndim == 4:  # one window
@@ -203,18 +212,9 @@ class Denoiser:
 
     def eps_fn_for_test(self, unet_state, cond, uncond, mask, umask, global_latents, fps):
         """``eps_fn(x, t) -> (rows, raw U-Net output)`` of one call, through the loop's code (tests)."""
-        model = nnx.merge(self.graphdef, unet_state)
-        g = self.guidance
-        r = g.unet_guidance
         gl = global_latents[None] if global_latents.ndim == 4 else global_latents
-        context = model.window_context(gl, g.global_rows)
-        fps_rows = jnp.repeat(jnp.broadcast_to(jnp.asarray(fps, jnp.float32).reshape(-1), (gl.shape[0],)), r)
-
-        def eps_fn(x, t):
-            rows = unet_rows(x, cond, uncond, mask, umask, g)
-            return rows, model(rows, t, None, fps_rows, guidance=r, context=context)
-
-        return eps_fn
+        fps = jnp.broadcast_to(jnp.asarray(fps, jnp.float32).reshape(-1), (gl.shape[0],))
+        return self._raw_eps(unet_state, cond, uncond, mask, umask, gl, fps)
 
 
 def start_latent(z_init: jax.Array, eps0: jax.Array, spec: SamplerSpec, cfg: ScheduleConfig = ScheduleConfig()) -> jax.Array:
