@@ -51,10 +51,11 @@ GIB = 2**30
 class DoesNotFitError(UserError):
     """A program needs more device memory than the topology's chips have (one line: topology, need, limit)."""
 
-    def __init__(self, message: str, need_bytes: float | None, limit_bytes: float | None):
+    def __init__(self, message: str, need_bytes: float | None, limit_bytes: float | None, detail: str = ""):
         super().__init__(message)
         self.need_bytes = need_bytes
         self.limit_bytes = limit_bytes
+        self.detail = detail  # the compiler's own message (first line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +116,20 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
         raise UserError("the TPU compiler is not installed: pip install -e '.[tpu-aot]' (libtpu)")
     import os  # noqa: PLC0415
 
-    # compile-only use touches no TPU: several processes may load libtpu at once (else its lockfile refuses)
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies  # noqa: PLC0415
-
     gen, dims = parse_topology(name)
     chips = math.prod(dims)
+    # compile-only use touches no TPU: several processes may load libtpu at once (else its lockfile refuses).
+    # Off a TPU VM libtpu looks for the VM's accelerator type and worker hostnames (metadata server, then these
+    # variables) and prints five lines of warnings to stderr when it finds neither; naming them silences it and
+    # changes nothing in what it compiles (the topology is given explicitly).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    cores = chips * (2 if gen in ("v4", "v5p") else 1)  # v4/v5p slice names count TensorCores
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{'v5litepod' if gen == 'v5e' else gen}-{cores}")
+    from jax.experimental import topologies  # noqa: PLC0415
+
+    global _LIBTPU_LOADED
+    _LIBTPU_LOADED = True
     kw: dict[str, Any] = {}
     if gen in ("v5e", "v6e") and chips <= 8:
         kw["chips_per_host_bounds"] = tuple(dims) + (1,) * (3 - len(dims))
@@ -135,6 +144,61 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
     devices = list(topo.devices)
     hosts = len({d.process_index for d in devices})
     return Topology(name=name, chip=CHIPS[gen], devices=devices, hosts=hosts)
+
+
+# -- memory probes ---------------------------------------------------------------------------------------
+
+_LIBTPU_LOADED = False
+PROBE_HBM_MIB = 1
+
+
+def enable_memory_probe() -> None:
+    """Make every TPU compile of this process a memory probe (call before the first :func:`get_topology`).
+
+    The compiler is told each chip has ``PROBE_HBM_MIB`` of HBM (libtpu's ``--xla_tpu_max_hbm_size_mib``), so
+    every program fails at memory assignment, after the HLO passes (fusion, sharding, scheduling, the
+    compiler's own rematerialisation) and before code generation, which is most of a large compile (about
+    4/5 of the full model's train step), with a message stating the bytes the program needs per device: its
+    minimum after the compiler's rematerialisation. A program fits a chip when that need is within the
+    chip's limit (a real compile then rematerialises no more than it must); FLOPs are not measured.
+    """
+    import os  # noqa: PLC0415
+
+    if _LIBTPU_LOADED:
+        raise RuntimeError("enable_memory_probe() must run before libtpu is loaded (the first get_topology)")
+    flag = f"--xla_tpu_max_hbm_size_mib={PROBE_HBM_MIB}"
+    os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {flag}".strip()
+
+
+class MemoryProbe:
+    """A program (:class:`TrainProgram` / :class:`InferProgram`) measured by memory probes
+    (:func:`enable_memory_probe`): ``compile(batch)`` returns a probe :class:`CompileResult` holding the need,
+    or raises :class:`DoesNotFitError` against the chip's real limit. :func:`max_batch` takes it as it is."""
+
+    def __init__(self, program):
+        self.program, self.what, self.topo = program, program.what, program.topo
+        self.divisor = program.divisor
+        self.settings = program.settings
+
+    def compile(self, batch: int) -> CompileResult:
+        t0 = time.perf_counter()
+        try:
+            r = self.program.compile(batch)
+            need = r.peak_bytes  # under the probe limit: tiny, but real
+        except DoesNotFitError as e:
+            if e.need_bytes is None:
+                raise
+            need = e.need_bytes
+        dt = time.perf_counter() - t0
+        chip, limit = self.topo.chip, self.topo.chip.hbm_gib * GIB
+        if need > limit:
+            raise DoesNotFitError(
+                f"{self.what} (batch {batch}, {self.settings}) does not fit on {self.topo.name} ({chip.name}): "
+                f"needs {need / GIB:.2f} GiB per device, limit {limit / GIB:.2f} GiB (memory probe)", need, limit)
+        return CompileResult(topology=self.topo.name, what=self.what, batch=batch, devices=self.topo.n,
+                             argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=int(need), flops=0.0,
+                             compile_s=dt, limit_bytes=limit, peak_tflops=chip.bf16_tflops, settings=self.settings,
+                             probe=True)
 
 
 # -- results ---------------------------------------------------------------------------------------------
@@ -154,6 +218,7 @@ class CompileResult:
     limit_bytes: float
     peak_tflops: float
     settings: str = ""
+    probe: bool = False     # a memory probe: only the need is known (in temp_bytes), no code was generated
 
     @property
     def peak_bytes(self) -> int:
@@ -170,6 +235,10 @@ class CompileResult:
 
     def summary(self) -> str:
         g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        if self.probe:
+            return (f"{self.what} on {self.topology} ({self.devices} devices), batch {self.batch}"
+                    f"{' [' + self.settings + ']' if self.settings else ''}: needs {g(self.peak_bytes)} per device "
+                    f"of {g(self.limit_bytes)} (memory probe: no code generated); probed in {self.compile_s:.1f} s")
         return (f"{self.what} on {self.topology} ({self.devices} devices), batch {self.batch}"
                 f"{' [' + self.settings + ']' if self.settings else ''}: per device arguments "
                 f"{g(self.argument_bytes)}, outputs {g(self.output_bytes)} (aliased {g(self.alias_bytes)}), "
@@ -215,7 +284,8 @@ def compile_lowered(lower: Callable[[], Any], topo: Topology, what: str, batch: 
         need_s = f"{need / GIB:.2f} GiB" if need else "more"
         raise DoesNotFitError(
             f"{what} (batch {batch}{', ' + settings if settings else ''}) does not fit on {topo.name} "
-            f"({topo.chip.name}): needs {need_s} per device, limit {limit / GIB:.2f} GiB", need, limit) from None
+            f"({topo.chip.name}): needs {need_s} per device, limit {limit / GIB:.2f} GiB", need, limit,
+            next((ln for ln in msg.splitlines() if is_oom(ln)), msg.splitlines()[0] if msg else "")) from None
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -479,8 +549,10 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
     """Largest global batch (multiple of ``program.divisor``) whose program compiles.
 
     Returns ``(batch, its CompileResult, [(batch, ok, peak or need bytes)])``; batch 0 when even the smallest
-    does not fit. Probes: k = 1, 2 (memory slope per k), then bisection between the largest k that compiled
-    and the smallest that did not, each probe the slope's prediction when it lies strictly inside.
+    does not fit. Probes: k = 1, 2 (memory slope per k), the slope's prediction, the batch after it (where
+    memory is linear in the batch: done in four probes), then doubling until one fails and bisection between
+    the largest k that compiled and the smallest that did not, each probe the slope's prediction when it lies
+    strictly inside.
     """
     d = program.divisor
     tried: list = []
@@ -508,6 +580,7 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
             lo, best = k, (k, r)
         return True
 
+    stepped = False  # the next batch after a confirmed guess was tried
     if not probe(1):
         return 0, None, tried
     probe(2)
@@ -518,8 +591,13 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
             slope = (peaks[k2] - peaks[k1]) / (k2 - k1)
             if slope > 0:
                 guess = k1 + int((limit - peaks[k1]) // slope)
-        if hi is None:  # no failure yet: the guess if it goes up, else doubling
-            k = guess if guess is not None and guess > lo else 2 * lo
+        if hi is None:  # no failure yet: the guess if it goes up, else the next batch once, then doubling
+            if guess is not None and guess > lo:
+                k = guess
+            elif not stepped:
+                k, stepped = lo + 1, True
+            else:
+                k = 2 * lo
             if k > limit_steps:
                 break
         else:  # bisection, probing the guess first when it lies strictly inside
@@ -553,6 +631,10 @@ def _parser():
     p.add_argument("--steps", type=int, default=50, help="infer: sampler steps")
     p.add_argument("--attention", default="xla", help="infer: attention implementation (train: model.attention_impl)")
     p.add_argument("--attention-budget-mib", default="auto", help="infer: xla score budget per chunk, 'auto' or 'none'")
+    p.add_argument("--memory-probe", action="store_true",
+                   help="measure only the memory each program needs, stopping the compiler before code generation "
+                        "(minutes instead of tens of minutes for the full model; no FLOPs); with --max-batch the "
+                        "search runs on probes")
     p.add_argument("--json", default=None, help="also write the result(s) as JSON to this file")
     return p
 
@@ -585,7 +667,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         import json  # noqa: PLC0415
 
+        if args.memory_probe:
+            enable_memory_probe()
         program, config = build_program(args, overrides)
+        if args.memory_probe:
+            program = MemoryProbe(program)
         print(f"{program.what} on {args.topology}: {program.topo.n} devices ({program.topo.chip.name}), "
               f"{program.topo.hosts} host(s); {program.settings}", flush=True)
         if args.max_batch:

@@ -49,7 +49,7 @@ def test_max_batch_finds_the_largest_fitting_batch(divisor, fixed, per, bump):
     p = FakeProgram(divisor, fixed, per, bump=bump)
     batch, res, tried = aot.max_batch(p, log=lambda s: None)
     assert batch == brute_force(p) and res.batch == batch
-    assert len(p.compiled) <= 12  # far fewer compiles than a linear scan
+    assert len(p.compiled) <= (4 if bump is None else 12)  # linear memory: k=1, 2, the guess, the next one
     assert any(b == batch + divisor and not ok for b, ok, _ in tried)  # the next batch was seen to fail
 
 
@@ -65,3 +65,40 @@ def test_compile_result_numbers():
                           compile_s=1.0, limit_bytes=15.75 * GIB, peak_tflops=197.0)
     assert r.peak_bytes == 8 * GIB and r.step_lower_bound_s == pytest.approx(1.0)
     assert "peak 8.00 GiB of 15.75 GiB" in r.summary()
+
+
+class ProbedProgram(FakeProgram):
+    """A program compiled under the memory probe's 1 MiB limit: every compile fails, stating its need."""
+
+    topo = aot.Topology(name="v5e:2x4", chip=aot.CHIPS["v5e"], devices=list(range(8)), hosts=1)
+    settings = "fake"
+
+    def compile(self, batch):
+        self.compiled.append(batch)
+        need = self.need(batch)
+        raise aot.DoesNotFitError(f"train (batch {batch}) does not fit on v5e:2x4 (TPU v5e): needs "
+                                  f"{need / GIB:.2f} GiB per device, limit 0.00 GiB", need, 2**20)
+
+
+def test_memory_probe_judges_the_need_against_the_chip_and_searches():
+    inner = ProbedProgram(8, 3.0, 0.11)
+    probe = aot.MemoryProbe(inner)
+    r = probe.compile(16)
+    assert r.probe and r.peak_bytes == pytest.approx((3.0 + 0.11 * 16) * GIB) and r.limit_bytes == 15.75 * GIB
+    assert "needs 4.76 GiB per device of 15.75 GiB (memory probe" in r.summary()
+    with pytest.raises(aot.DoesNotFitError, match=r"needs 16.\d\d GiB per device, limit 15.75 GiB \(memory probe\)"):
+        probe.compile(8 * 15)
+    batch, res, _ = aot.max_batch(probe, log=lambda s: None)
+    assert batch == brute_force(inner) and res.probe
+
+
+def test_memory_probe_must_come_before_libtpu(monkeypatch):
+    monkeypatch.setattr(aot, "_LIBTPU_LOADED", True)
+    with pytest.raises(RuntimeError, match="before libtpu is loaded"):
+        aot.enable_memory_probe()
+    monkeypatch.setattr(aot, "_LIBTPU_LOADED", False)
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_foo=1")
+    aot.enable_memory_probe()
+    import os
+
+    assert os.environ["LIBTPU_INIT_ARGS"] == f"--xla_foo=1 --xla_tpu_max_hbm_size_mib={aot.PROBE_HBM_MIB}"
