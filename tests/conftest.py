@@ -62,3 +62,90 @@ def weights_dir(tmp_path_factory) -> Path:
     (d / "unet").symlink_to(TINY_UNET)
     (d / "vae").symlink_to(TINY_VAE)
     return d
+
+
+# -- TPU-compiler compiles in the background (tests/aot_jobs.py) ------------------------------------------
+
+_AOT_KEY = pytest.StashKey()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "aot_job(*names): the test reads these tests/aot_jobs.py compiles (run in "
+                                       "the background from the end of collection; such tests run last)")
+
+
+def _aot_names(items) -> list[str]:
+    names: list[str] = []
+    for item in items:
+        for mark in item.iter_markers("aot_job"):
+            names += [n for n in mark.args if n not in names]
+    return names
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that wait for background compiles go last, so that the compiles overlap everything else."""
+    waiting = [i for i in items if i.get_closest_marker("aot_job")]
+    if waiting:
+        items[:] = [i for i in items if not i.get_closest_marker("aot_job")] + waiting
+
+
+def pytest_collection_finish(session):
+    from m3ddm_jax.aot import libtpu_available
+
+    names = _aot_names(session.items)
+    if not names or not libtpu_available() or session.config.option.collectonly:
+        return
+    import subprocess
+    import sys
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="m3ddm_aot_jobs_"))
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "aot_jobs.py"), str(out), *names], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=(out / "runner.err").open("w"),
+                            start_new_session=True)
+    session.config.stash[_AOT_KEY] = (proc, out)
+
+
+def pytest_sessionfinish(session):
+    job = session.config.stash.get(_AOT_KEY, None)
+    if job is not None and job[0].poll() is None:  # an interrupted or partial run: stop the compiles
+        import signal
+
+        try:
+            os.killpg(job[0].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class AotJobs:
+    """Results of the background compiles: ``wait(name)`` -> ``(exit code, JSON result or None, stdout, stderr)``."""
+
+    def __init__(self, proc, out: Path):
+        self.proc, self.out = proc, out
+
+    def wait(self, name: str, timeout_s: float = 3600.0):
+        import json
+        import time
+
+        rc_file = self.out / f"{name}.rc"
+        t0 = time.monotonic()
+        while not rc_file.exists():
+            if self.proc.poll() is not None and not rc_file.exists():
+                err = (self.out / "runner.err").read_text()[-2000:]
+                raise AssertionError(f"the background compile runner stopped (exit {self.proc.returncode}) "
+                                     f"before {name}: {err}")
+            if time.monotonic() - t0 > timeout_s:
+                raise AssertionError(f"background compile {name} not done after {timeout_s:.0f} s")
+            time.sleep(2)
+        res = self.out / f"{name}.json"
+        return (int(rc_file.read_text()), json.loads(res.read_text()) if res.exists() else None,
+                (self.out / f"{name}.out").read_text(), (self.out / f"{name}.err").read_text())
+
+
+@pytest.fixture(scope="session")
+def aot_jobs(request) -> AotJobs:
+    job = request.config.stash.get(_AOT_KEY, None)
+    if job is None:
+        pytest.skip("no background TPU compiles (libtpu not installed)")
+    return AotJobs(*job)
