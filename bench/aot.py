@@ -9,19 +9,22 @@ what is there (``--table``).
     python bench/aot.py --table               # the table from the saved rows
 
 Training rows: the full model, the paper's clips (16 frames + 16 global frames at 128 px), bf16 compute
-with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 32 x fsdp 8). ``--max-batch``
-rows search the largest global batch that compiles; ``batch N`` rows compile one batch. Inference rows: one
-window, 50 PLMS steps, 16 frames at 256 px (32x32 latents), 16 global frames, on ONE chip.
+with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 32 x fsdp 8). ``batch N`` rows
+are full compiles (code generated: per-device bytes, FLOPs, compile time); ``max`` rows search the largest
+global batch with memory probes (``--memory-probe``: the compiler stops at memory assignment and states the
+need, about 1/5 of a full compile). Inference rows: one window, 50 PLMS steps, 16 frames at 256 px (32x32
+latents), 16 global frames, on ONE chip.
 
-Cost on the host: the full-size inference window took 597 s of CPU (6.7 GiB resident); the
-full-size v5e-8 training compile had not finished after 19 CPU minutes and 14 GiB resident on a 2-core,
-24 GiB host, so run the training rows on a larger machine (>= 32 GiB RAM, many cores).
+Cost on the host (2 cores, 24 GiB + swap): the full-size inference window compiles in about 10 CPU-minutes
+(6.7 GiB resident), the full-size training step in about 21 (20 GiB resident: add swap on a 24 GiB machine),
+a training memory probe in about 5.
 
-Columns: per-device peak (arguments + outputs - aliased + temporaries) and the compiler's limit, FLOPs per
-device (XLA cost analysis; a ``fori_loop``/``lax.map`` body counts once, so inference FLOPs are per
-denoising step), the step-time lower bound (FLOPs / the chip's bf16 peak), and for training the loader
-workers each host needs so that input keeps up with that bound (clips per host per step / bound / clips per
-second of one worker, from ``bench/data.py --json``).
+Columns: per-device peak (arguments + outputs - aliased + temporaries; for probes the compiler's stated need)
+and the compiler's limit, FLOPs per device (XLA cost analysis; a ``fori_loop``/``lax.map`` body counts once,
+so inference FLOPs are per denoising step; probe rows scale the full compile's FLOPs per clip), the step-time
+lower bound (FLOPs / the chip's bf16 peak), and for training the loader workers each host needs so that
+input keeps up with that bound (clips per host per step / bound / clips per second of one worker, from
+``bench/data.py --json``).
 """
 from __future__ import annotations
 
@@ -35,22 +38,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--what", "train", "--config", "configs/m3ddm_plus.py", "--config.model.compute_dtype=bfloat16",
-         "--config.model.remat=True"]
+TRAIN = ["--what", "train", "--config", "configs/m3ddm_plus.py", "--config.model.init=",
+         "--config.model.compute_dtype=bfloat16", "--config.model.remat=True"]
+FSDP8 = ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8"]
+FSDP4 = ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=4"]
+PROBE_MAX = ["--memory-probe", "--max-batch"]
 ROWS = {
     "infer-v5e-1-bf16": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "bfloat16"],
-    "infer-v5e-1-bf16-flash": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "bfloat16",
-                               "--attention", "flash"],
     "infer-v5e-1-fp32-4rows-unchunked": ["--topology", "v5e:1x1", "--what", "infer", "--dtype", "float32",
                                          "--rows", "4", "--attention-budget-mib", "none"],
-    "train-v5e-8": ["--topology", "v5e:2x4", *TRAIN, "--config.mesh.shape.data=1",
-                    "--config.mesh.shape.fsdp=8", "--max-batch"],
-    "train-v4-8": ["--topology", "v4:2x2x1", *TRAIN, "--config.mesh.shape.data=1",
-                   "--config.mesh.shape.fsdp=4", "--max-batch"],
-    "train-v6e-8": ["--topology", "v6e:2x4", *TRAIN, "--config.mesh.shape.data=1",
-                    "--config.mesh.shape.fsdp=8", "--max-batch"],
-    "train-v5p-8": ["--topology", "v5p:2x2x1", *TRAIN, "--config.mesh.shape.data=1",
-                    "--config.mesh.shape.fsdp=4", "--max-batch"],
+    "train-v5e-8": ["--topology", "v5e:2x4", *TRAIN, *FSDP8, "--batch", "8"],
+    "train-v5e-8-max": ["--topology", "v5e:2x4", *TRAIN, *FSDP8, *PROBE_MAX],
+    "train-v4-8-max": ["--topology", "v4:2x2x1", *TRAIN, *FSDP4, *PROBE_MAX],
+    "train-v6e-8-max": ["--topology", "v6e:2x4", *TRAIN, *FSDP8, *PROBE_MAX],
+    "train-v5p-8-max": ["--topology", "v5p:2x2x1", *TRAIN, *FSDP4, *PROBE_MAX],
     "train-v5e-256": ["--topology", "v5e:16x16", *TRAIN, "--config.mesh.shape.data=32",
                       "--config.mesh.shape.fsdp=8", "--batch", "256"],
 }
@@ -74,9 +75,21 @@ def _gib(b) -> str:
     return f"{b / 2**30:.2f}"
 
 
+def _train_flops_per_clip(out: Path) -> float | None:
+    """FLOPs per clip of the full training compiles (per device x devices / global batch)."""
+    for name in ("train-v5e-8", "train-v5e-256"):
+        f = out / f"{name}.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            if "error" not in r and r.get("flops"):
+                return r["flops"] * r["devices"] / r["batch"]
+    return None
+
+
 def table(out: Path, clips_per_worker: float) -> str:
     rows = ["| row | topology | task, settings | per-device peak / limit (GiB) | batch | TFLOP/device | "
             "step >= (ms) | loader workers/host | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    per_clip = _train_flops_per_clip(out)
     for name, argv in ROWS.items():
         f = out / f"{name}.json"
         if not f.exists():
@@ -88,20 +101,21 @@ def table(out: Path, clips_per_worker: float) -> str:
                         f"- | - | - |")
             continue
         batch = f"max {r['max_batch']}" if "max_batch" in r else str(r["batch"])
+        flops, derived = r["flops"], ""
+        if r.get("probe") and r["what"] == "train" and per_clip:  # probes generate no code: scale the FLOPs
+            flops, derived = per_clip * r["batch"] / r["devices"], " (from the full compile's FLOPs per clip)"
+        bound = flops / (r["peak_tflops"] * 1e12)
         workers = "-"
-        if r["what"] == "train" and r["step_lower_bound_s"] > 0:
+        if r["what"] == "train" and bound > 0:
             hosts = r.get("hosts") or 1
-            need = r["batch"] / hosts / r["step_lower_bound_s"] / clips_per_worker
-            workers = str(math.ceil(need))
-        compile_s = r["compile_s"]
+            workers = str(math.ceil(r["batch"] / hosts / bound / clips_per_worker))
+        compile_s = f"{r['compile_s']:.0f}" + (" (memory probe)" if r.get("probe") else "")
         if "tried" in r:
             search = ", ".join(f"{b}:{'ok' if ok else 'no'}" for b, ok, _ in r["tried"])
-            compile_s = f"{compile_s:.0f} (search: {search})"
-        else:
-            compile_s = f"{compile_s:.0f}"
-        rows.append(f"| {name} | {topo} | {r['what']}: {r['settings']} | {_gib(r['peak_bytes'])} / "
-                    f"{_gib(r['limit_bytes'])} | {batch} | {r['flops'] / 1e12:.2f} | "
-                    f"{r['step_lower_bound_s'] * 1e3:.0f} | {workers} | {compile_s} |")
+            compile_s += f"; search {search}"
+        peak = f"{'needs ' if r.get('probe') else ''}{_gib(r['peak_bytes'])} / {_gib(r['limit_bytes'])}"
+        rows.append(f"| {name} | {topo} | {r['what']}: {r['settings']} | {peak} | {batch} | "
+                    f"{flops / 1e12:.2f}{derived} | {bound * 1e3:.0f} | {workers} | {compile_s} |")
     return "\n".join(rows)
 
 
