@@ -57,6 +57,15 @@ class DoesNotFitError(UserError):
         self.limit_bytes = limit_bytes
         self.detail = detail  # the compiler's own message (first line)
 
+    @classmethod
+    def of(cls, what: str, batch: int, settings: str, topo: "Topology", need: float | None, limit: float,
+           suffix: str = "", detail: str = "") -> "DoesNotFitError":
+        """The one line: program, batch and settings, topology and chip, need and limit per device."""
+        need_s = f"{need / GIB:.2f} GiB" if need else "more"
+        return cls(f"{what} (batch {batch}{', ' + settings if settings else ''}) does not fit on {topo.name} "
+                   f"({topo.chip.name}): needs {need_s} per device, limit {limit / GIB:.2f} GiB{suffix}",
+                   need, limit, detail)
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -192,9 +201,7 @@ class MemoryProbe:
         dt = time.perf_counter() - t0
         chip, limit = self.topo.chip, self.topo.chip.hbm_gib * GIB
         if need > limit:
-            raise DoesNotFitError(
-                f"{self.what} (batch {batch}, {self.settings}) does not fit on {self.topo.name} ({chip.name}): "
-                f"needs {need / GIB:.2f} GiB per device, limit {limit / GIB:.2f} GiB (memory probe)", need, limit)
+            raise DoesNotFitError.of(self.what, batch, self.settings, self.topo, need, limit, " (memory probe)")
         return CompileResult(topology=self.topo.name, what=self.what, batch=batch, devices=self.topo.n,
                              argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=int(need), flops=0.0,
                              compile_s=dt, limit_bytes=limit, peak_tflops=chip.bf16_tflops, settings=self.settings,
@@ -281,11 +288,8 @@ def compile_lowered(lower: Callable[[], Any], topo: Topology, what: str, batch: 
             raise
         need, limit = parse_oom(msg)
         limit = limit or topo.chip.hbm_gib * GIB
-        need_s = f"{need / GIB:.2f} GiB" if need else "more"
-        raise DoesNotFitError(
-            f"{what} (batch {batch}{', ' + settings if settings else ''}) does not fit on {topo.name} "
-            f"({topo.chip.name}): needs {need_s} per device, limit {limit / GIB:.2f} GiB", need, limit,
-            next((ln for ln in msg.splitlines() if is_oom(ln)), msg.splitlines()[0] if msg else "")) from None
+        detail = next((ln for ln in msg.splitlines() if is_oom(ln)), msg.splitlines()[0] if msg else "")
+        raise DoesNotFitError.of(what, batch, settings, topo, need, limit, detail=detail) from None
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
