@@ -360,7 +360,22 @@ def _gif_frames(frames: np.ndarray, rate: Fraction):
             return
 
 
-class VideoWriter:
+class _CommitOnSuccess:
+    """``with`` support for the writers: ``close()`` (commit) when the block ends normally, ``abort()`` when it
+    raises (nothing is left under the output name)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class VideoWriter(_CommitOnSuccess):
     """Frame-by-frame :func:`write_video`: ``with VideoWriter(dest, fps) as w: w.write(frame)`` encodes each uint8
     RGB ``(H, W, 3)`` frame as it comes (the size is the first frame's), so a long output never sits in memory
     (a GIF's frames wait for its palette, an image path takes one frame). Same formats, options, audio and
@@ -380,16 +395,6 @@ class VideoWriter:
         self._held = []                       # GIF / image frames (written at close)
         self._ctx = self._tmp = self._out = self._vs = self._audio = self._audio_in = None
         self._atomic_file = atomic_file
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
     def _open(self, h: int, w: int) -> None:
         import av  # noqa: PLC0415
@@ -541,7 +546,7 @@ def write_video(dest: str | os.PathLike, frames: np.ndarray, fps: float | Fracti
     return dest
 
 
-class PngFramesWriter:
+class PngFramesWriter(_CommitOnSuccess):
     """Frame-by-frame :func:`write_frames_png`: ``with PngFramesWriter(folder) as w: w.write(frame)``; the frames
     go to a temporary dot-folder that replaces ``folder`` when the block ends without an exception."""
 
@@ -552,16 +557,6 @@ class PngFramesWriter:
         self.prefix = prefix
         self.count = 0
         self.tmp = new_dir(self.folder)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
     def write(self, frame: np.ndarray) -> None:
         import cv2  # noqa: PLC0415
