@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.media import Tone, encode
+
 REPO = Path(__file__).resolve().parents[1]
 N_FRAMES, W, H, FPS = 17, 72, 128, 12  # 9:16
 MAX_FRAMES = 40                         # the app's --max-frames in this test
@@ -42,32 +44,10 @@ def chromium_path() -> str | None:
 
 def make_clip(path: Path, n: int, fps: int = FPS, audio: bool = True) -> Path:
     """A 9:16 H.264 clip (yuv420p: the browser plays it) with a mono AAC tone as long as the video."""
-    import av
-
     yy, xx = np.mgrid[0:H, 0:W]
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
-        a = out.add_stream("aac", rate=16000, layout="mono") if audio else None
-        for i in range(n):
-            f = np.stack([(xx * 3 + 7 * i) % 256, (yy * 2) % 256, 128 + 60 * np.sin((xx + yy + 3 * i) / 6.0)], -1)
-            vf = av.VideoFrame.from_ndarray(f.astype(np.uint8), format="rgb24")
-            vf.pts = i
-            for p in vs.encode(vf):
-                out.mux(p)
-        for p in vs.encode():
-            out.mux(p)
-        if a is not None:
-            t = np.arange(16000 * n // fps) / 16000
-            tone = (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)[None]
-            for k in range(0, tone.shape[1], 1024):
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="fltp", layout="mono")
-                af.sample_rate, af.pts = 16000, k
-                for p in a.encode(af):
-                    out.mux(p)
-            for p in a.encode():
-                out.mux(p)
-    return path
+    frames = np.stack([np.stack([(xx * 3 + 7 * i) % 256, (yy * 2) % 256, 128 + 60 * np.sin((xx + yy + 3 * i) / 6.0)],
+                                -1).astype(np.uint8) for i in range(n)])
+    return encode(path, frames, fps, "libx264", options={}, tone=Tone() if audio else None)
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ import pytest
 from m3ddm_jax.outpaint import canvas as cv
 from m3ddm_jax.outpaint.pipeline import OutpaintConfig, Outpainter
 from m3ddm_jax.video import read_video, write_video
+from tests.media import Tone, encode
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10     # API tests: every test shares one compiled loop (64x64 canvas, 10 steps)
@@ -122,31 +123,9 @@ def test_seed_fixes_everything(models):
 # -- the command line ------------------------------------------------------------------------------
 
 def _make_input(path: Path, frames: np.ndarray, fps: float, audio: bool = False) -> Path:
-    import av
-
     if not audio:
         return write_video(path, frames, fps, lossless=True)
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264rgb", rate=int(fps))
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        vs.options = {"crf": "0"}
-        a = out.add_stream("aac", rate=16000)
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts = i
-            for p in vs.encode(vf):
-                out.mux(p)
-        for p in vs.encode():
-            out.mux(p)
-        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(int(16000 * len(frames) / fps)) / 16000)).astype(np.float32)
-        for k in range(0, len(tone), 1024):
-            af = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
-            af.sample_rate, af.pts = 16000, k
-            for p in a.encode(af):
-                out.mux(p)
-        for p in a.encode():
-            out.mux(p)
-    return path
+    return encode(path, frames, int(fps), tone=Tone(hz=440.0, seconds=len(frames) / fps))
 
 
 def _infer(*args, cwd=None, **env_extra):

@@ -9,16 +9,14 @@ one Outpainter per setting, so the whole file compiles the sampler once."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from m3ddm_jax.video import read_video, write_video
+from tests.media import infer_in_process
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ("--ratio", "16:9", "--output-size", "64", "--steps", "2", "--quiet")
 
 
@@ -37,47 +35,21 @@ def clip_frames(n: int, seed: int) -> np.ndarray:
 def infer(weights_dir):
     """``run(*args) -> (rc, stdout, stderr)`` of infer.py's main in this process; ``run.loads`` counts model loads,
     ``run.calls`` records the ``outpaint_many`` calls (videos per call), ``run.outpainters`` the shared Outpainters."""
-    import m3ddm_jax.outpaint.pipeline as pipeline
-    import m3ddm_jax.weights as weights
+    calls = []
 
-    spec = importlib.util.spec_from_file_location("infer_batch_under_test", REPO / "infer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    real_load, real_outpainter = weights.load_models, pipeline.Outpainter
-    models, outpainters = {}, {}
+    def record_calls(op):
+        real_many = op.outpaint_many
 
-    def load_models(*a, **k):
-        run.loads += 1
-        key = repr((a, sorted(k.items())))
-        if key not in models:
-            models[key] = real_load(*a, **k)
-        return models[key]
+        def outpaint_many(jobs, *aa, **kk):
+            jobs = list(jobs)
+            calls.append(len(jobs))
+            return real_many(jobs, *aa, **kk)
 
-    def outpainter(unet, vae, cfg, *a, **k):
-        key = (id(unet), repr(cfg))
-        if key not in outpainters:
-            op = real_outpainter(unet, vae, cfg, *a, **k)
-            real_many = op.outpaint_many
+        op.outpaint_many = outpaint_many
+        return op
 
-            def outpaint_many(jobs, *aa, **kk):
-                jobs = list(jobs)
-                run.calls.append(len(jobs))
-                return real_many(jobs, *aa, **kk)
-
-            op.outpaint_many = outpaint_many
-            outpainters[key] = op
-        return outpainters[key]
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = mod.main([str(a) for a in args])
-        return rc, out.getvalue(), err.getvalue()
-
-    run.loads, run.calls, run.outpainters = 0, [], outpainters
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(weights, "load_models", load_models)
-        mp.setattr(pipeline, "Outpainter", outpainter)
+    with infer_in_process("infer_batch_under_test", record_calls) as run:
+        run.calls = calls
         yield run
 
 

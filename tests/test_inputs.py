@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from m3ddm_jax.video import VideoReader, read_video
+from tests import media
+from tests.media import audio_only
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "2", "--output-size", "64", "--quiet"]
@@ -40,46 +41,7 @@ def pattern(n: int, h: int, w: int) -> np.ndarray:
 def encode(path: Path, frames: np.ndarray, codec: str = "libx264rgb", pix_fmt: str = "rgb24", fps: int = 24,
            options: dict | None = None, rotation: int | None = None, pts: list[int] | None = None,
            fmt: str | None = None) -> Path:
-    """Encode RGB frames; ``rotation`` sets the display matrix (degrees counter-clockwise, as FFmpeg reads it
-    back), ``pts`` irregular timestamps in milliseconds (variable frame rate)."""
-    import av
-
-    with av.open(str(path), "w", format=fmt) as out:
-        vs = out.add_stream(codec, rate=fps)
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        vs.options = options if options is not None else ({"crf": "0"} if codec.startswith("libx264") else {})
-        if pts is not None:
-            vs.codec_context.time_base = Fraction(1, 1000)
-            vs.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            vs.set_display_rotation(rotation)
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            if pts is not None:
-                vf.pts, vf.time_base = pts[i], Fraction(1, 1000)
-            else:
-                vf.pts = i
-            for p in vs.encode(vf):
-                out.mux(p)
-        for p in vs.encode():
-            out.mux(p)
-    return path
-
-
-def audio_only(path: Path) -> Path:
-    import av
-
-    with av.open(str(path), "w") as out:
-        a = out.add_stream("aac", rate=16000, layout="mono")
-        tone = (0.2 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 440)).astype(np.float32)[None]
-        for k in range(0, tone.shape[1], 1024):
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="fltp", layout="mono")
-            af.sample_rate, af.pts = 16000, k
-            for p in a.encode(af):
-                out.mux(p)
-        for p in a.encode():
-            out.mux(p)
-    return path
+    return media.encode(path, frames, fps, codec, pix_fmt, options, rotation, pts, fmt)
 
 
 VFR_MS = [0, 33, 50, 67, 117, 133, 200, 217, 233, 300]  # irregular gaps: 17..67 ms
@@ -118,7 +80,7 @@ BUILDER = """
 import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import test_inputs as t
+from tests import test_inputs as t
 for name in sys.argv[3:]:
     print("START", name, flush=True)
     try:
@@ -139,7 +101,7 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     out: dict[str, Path | str] = {}
     for name in CORPUS:
-        r = subprocess.run([sys.executable, "-c", BUILDER, str(Path(__file__).parent), str(d), name],
+        r = subprocess.run([sys.executable, "-c", BUILDER, str(REPO), str(d), name],
                            capture_output=True, text=True, timeout=600)
         for line in r.stdout.splitlines():
             kind, got, *why = line.split(" ", 2)

@@ -9,9 +9,6 @@ sampler between runs (same config = same compiled loop); only the SIGKILL test n
 """
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import os
 import signal
 import subprocess
@@ -22,6 +19,7 @@ import numpy as np
 import pytest
 
 from m3ddm_jax.video import read_video, write_video, written_size
+from tests.media import Tone, encode, infer_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 N, H, W = 9, 48, 27          # 9 frames of 27x48; --ratio 21:9 --output-size 64 -> 64x27: an odd height
@@ -42,33 +40,8 @@ def make_clip(path: Path, frames: np.ndarray, fps: int, layout: str | None = Non
               audio_seconds: float | None = None, rate: int = 16000) -> Path:
     """A lossless clip with an optional tone track (``layout`` mono/stereo, ``codec``), longer than the video
     when ``audio_seconds`` says so."""
-    import av
-
-    fmt = "matroska" if path.suffix == ".mkv" else None
-    with av.open(str(path), "w", format=fmt) as out:
-        vs = out.add_stream("libx264rgb", rate=fps)
-        vs.width, vs.height, vs.pix_fmt, vs.options = frames.shape[2], frames.shape[1], "rgb24", {"crf": "0"}
-        a = out.add_stream(codec, rate=rate, layout=layout) if layout else None
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts = i
-            for p in vs.encode(vf):
-                out.mux(p)
-        for p in vs.encode():
-            out.mux(p)
-        if a is not None:
-            secs = audio_seconds or len(frames) / fps
-            t = np.arange(int(rate * secs)) / rate
-            ch = 1 if layout == "mono" else 2
-            tone = np.stack([0.2 * np.sin(2 * np.pi * (330 + 110 * c) * t) for c in range(ch)]).astype(np.float32)
-            for k in range(0, tone.shape[1], 1024):
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, k:k + 1024]), format="fltp", layout=layout)
-                af.sample_rate, af.pts = rate, k
-                for p in a.encode(af):
-                    out.mux(p)
-            for p in a.encode():
-                out.mux(p)
-    return path
+    tone = Tone(layout=layout, codec=codec, rate=rate, seconds=audio_seconds) if layout else None
+    return encode(path, frames, fps, fmt="matroska" if path.suffix == ".mkv" else None, tone=tone)
 
 
 def audio_info(path: Path, until: float | None = None):
@@ -100,38 +73,7 @@ def dot_files(folder: Path) -> list[str]:
 def infer_run(weights_dir):
     """``run(*args) -> (rc, stdout, stderr)`` of infer.py's main in this process; ``run.loads`` counts model
     loads (0 for a run refused before any compute)."""
-    import m3ddm_jax.outpaint.pipeline as pipeline
-    import m3ddm_jax.weights as weights
-
-    spec = importlib.util.spec_from_file_location("infer_under_test", REPO / "infer.py")
-    infer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(infer)
-    real_load, real_outpainter = weights.load_models, pipeline.Outpainter
-    models, outpainters = {}, {}
-
-    def load_models(*a, **k):
-        run.loads += 1
-        key = repr((a, sorted(k.items())))
-        if key not in models:
-            models[key] = real_load(*a, **k)
-        return models[key]
-
-    def outpainter(unet, vae, cfg, *a, **k):
-        key = (id(unet), repr(cfg))
-        if key not in outpainters:
-            outpainters[key] = real_outpainter(unet, vae, cfg, *a, **k)
-        return outpainters[key]
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = infer.main([str(a) for a in args])
-        return rc, out.getvalue(), err.getvalue()
-
-    run.loads = 0
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(weights, "load_models", load_models)
-        mp.setattr(pipeline, "Outpainter", outpainter)
+    with infer_in_process("infer_under_test") as run:
         yield run
 
 
