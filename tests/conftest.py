@@ -90,6 +90,11 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = [i for i in items if not i.get_closest_marker("aot_job")] + waiting
 
 
+def _lower_priority():
+    # the compiles use what the suite leaves idle: the suite's own tests keep the cores first
+    os.nice(10)
+
+
 def pytest_collection_finish(session):
     from m3ddm_jax.aot import libtpu_available
 
@@ -103,7 +108,7 @@ def pytest_collection_finish(session):
     out = Path(tempfile.mkdtemp(prefix="m3ddm_aot_jobs_"))
     proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "aot_jobs.py"), str(out), *names], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=(out / "runner.err").open("w"),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_lower_priority)
     session.config.stash[_AOT_KEY] = (proc, out)
 
 
