@@ -6,12 +6,15 @@ paper's sizes: 16-frame clips cropped to 128 px and 16 global frames resized to 
 
     python bench/data.py                                   # 360p, 10 s at 30 fps (WebVid-like), 1 worker
     python bench/data.py --height 720 --width 1280 --seconds 10 --workers 0,1,2
+    python bench/data.py --seconds 60 --gop 60                # longer videos, a keyframe every 2 s
 
 Measured:
 
 * ``element``: ``load_clip`` in this process (what one grain worker does per element: open, decode up to
   the last global frame, crop, resize), per clip, wall and CPU seconds (CPU seconds give the rate of one
   worker with a core to itself; wall seconds include whatever else shares the machine);
+* ``with data.cache_dir``: the same after each video's index was written (its first visit is timed too):
+  the global frames come from the index and only the clip is decoded, from the keyframe before it;
 * ``loader, N workers``: the grain ``DataLoader`` (batch 8, ``worker_count`` N) end to end, clips/s.
 
 Every global frame is spread over the whole video, so one element decodes the video up to its last frame:
@@ -21,6 +24,7 @@ result (this benchmark shares its CPUs with whatever else runs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -32,8 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def write_h264(path: Path, frames: int, height: int, width: int, fps: int, seed: int) -> None:
-    """A moving textured video (noise texture panned + a moving bright disk), H.264 crf 23."""
+def write_h264(path: Path, frames: int, height: int, width: int, fps: int, seed: int, gop: int | None = None) -> None:
+    """A moving textured video (noise texture panned + a moving bright disk), H.264 crf 23; ``gop``: the
+    keyframe interval (None: x264's default, 250)."""
     import av
     import numpy as np
 
@@ -44,7 +49,7 @@ def write_h264(path: Path, frames: int, height: int, width: int, fps: int, seed:
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-        s.options = {"crf": "23", "preset": "veryfast"}
+        s.options = {"crf": "23", "preset": "veryfast", **({"g": str(gop)} if gop else {})}
         for i in range(frames):
             dy, dx = (3 * i) % height, (5 * i) % width
             img = tex[dy:dy + height, dx:dx + width].copy()
@@ -70,6 +75,7 @@ def main() -> int:
     ap.add_argument("--elements", type=int, default=16, help="clips timed per measurement")
     ap.add_argument("--workers", default="0,1", help="grain worker counts to time the DataLoader with")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--gop", type=int, default=None, help="keyframe interval of the written videos (x264: 250)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -91,38 +97,57 @@ def main() -> int:
         n_frames = int(round(args.seconds * args.fps))
         t = time.perf_counter()
         for i in range(args.videos):
-            write_h264(Path(tmp) / f"v{i:03d}.mp4", n_frames, args.height, args.width, args.fps, i)
+            write_h264(Path(tmp) / f"v{i:03d}.mp4", n_frames, args.height, args.width, args.fps, i, args.gop)
         out["write_s"] = round(time.perf_counter() - t, 1)
         files = find_videos(tmp)
         rng = np.random.default_rng(0)
         load_clip(files[0], spec, rng)  # warm-up (imports, codec init)
-        times, cpu = [], []
-        for i in range(args.elements):
-            t, c = time.perf_counter(), time.process_time()
-            el = load_clip(files[i % len(files)], spec, rng)
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-        assert el["frames"].shape == (args.frames, args.size, args.size, 3)
-        assert el["global_frames"].shape == (args.global_frames, args.global_size, args.global_size, 3)
-        med = statistics.median(times)
+        rows = {}
+        for label, sp in (("plain", spec), ("index", dataclasses.replace(spec, cache_dir=str(Path(tmp) / "idx")))):
+            if label == "index":  # first visits: decode as before and write each video's index
+                t, c = time.perf_counter(), time.process_time()
+                for f in files:
+                    load_clip(f, sp, rng)
+                out["index_first_visit_cpu_s_per_video"] = round((time.process_time() - c) / len(files), 4)
+                out["index_bytes_per_video"] = sum(p.stat().st_size for p in (Path(tmp) / "idx").glob("*.npz")) // len(files)
+            times, cpu = [], []
+            for i in range(args.elements):
+                t, c = time.perf_counter(), time.process_time()
+                el = load_clip(files[i % len(files)], sp, rng)
+                times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+            assert el["frames"].shape == (args.frames, args.size, args.size, 3)
+            assert el["global_frames"].shape == (args.global_frames, args.global_size, args.global_size, 3)
+            rows[label] = (statistics.median(times), statistics.median(cpu))
+        med, cpu_med = rows["plain"]
         out["element_s_median"] = round(med, 4)
         out["clips_per_s_per_worker"] = round(1.0 / med, 2)
-        cpu_med = statistics.median(cpu)
         out["element_cpu_s_median"] = round(cpu_med, 4)
         out["clips_per_cpu_s"] = round(1.0 / cpu_med, 2)
         print(f"{out['video']}; {out['clip']}: load_clip median {med * 1e3:.0f} ms wall, {cpu_med * 1e3:.0f} ms "
               f"CPU -> {1 / med:.2f} clips/s per worker process here, {1 / cpu_med:.2f} per busy core", flush=True)
+        med, cpu_med = rows["index"]
+        out["index_element_s_median"] = round(med, 4)
+        out["index_element_cpu_s_median"] = round(cpu_med, 4)
+        out["index_clips_per_cpu_s"] = round(1.0 / cpu_med, 2)
+        print(f"with data.cache_dir (each video's index written on its first visit: "
+              f"{out['index_first_visit_cpu_s_per_video'] * 1e3:.0f} ms CPU, {out['index_bytes_per_video'] / 1e3:.0f} KB "
+              f"per video): load_clip median {med * 1e3:.0f} ms wall, {cpu_med * 1e3:.0f} ms CPU -> "
+              f"{1 / cpu_med:.2f} clips/s per busy core", flush=True)
+        indexed = dataclasses.replace(spec, cache_dir=str(Path(tmp) / "idx"))
         for w in [int(x) for x in args.workers.split(",") if x.strip()]:
-            it = iter(make_loader(files, spec, batch_size=args.batch, seed=0, worker_count=w))
-            next(it)  # start-up (worker processes, first batch)
-            n = max(1, args.elements // args.batch)
-            t = time.perf_counter()
-            for _ in range(n):
-                next(it)
-            cps = n * args.batch / (time.perf_counter() - t)
-            out[f"loader_clips_per_s_{w}_workers"] = round(cps, 2)
-            print(f"grain DataLoader, batch {args.batch}, {w} worker(s): {cps:.2f} clips/s", flush=True)
-            del it
+            for label, sp in (("", spec), ("_index", indexed)):
+                it = iter(make_loader(files, sp, batch_size=args.batch, seed=0, worker_count=w))
+                next(it)  # start-up (worker processes, first batch)
+                n = max(1, args.elements // args.batch)
+                t = time.perf_counter()
+                for _ in range(n):
+                    next(it)
+                cps = n * args.batch / (time.perf_counter() - t)
+                out[f"loader{label}_clips_per_s_{w}_workers"] = round(cps, 2)
+                print(f"grain DataLoader{' with the index' if label else ''}, batch {args.batch}, {w} worker(s): "
+                      f"{cps:.2f} clips/s", flush=True)
+                del it
     out["load_average"] = [round(x, 1) for x in os.getloadavg()]
     print(f"load average during the run: {out['load_average']} on {os.cpu_count()} CPUs")
     if args.json:

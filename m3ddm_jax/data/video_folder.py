@@ -16,6 +16,11 @@ One element (spec 6.2-6.3, with bug 9.1 fixed):
   ``global_size`` (aspect not kept, as the reference) or, with ``global_crop``, the clip's crop box;
 * ``fps = floor(video_fps / k)`` (the reference's ``fps // k``).
 
+The global frames make every element decode its video up to the last frame. With ``data.cache_dir`` the
+first element of a video also writes the video's index (frame timestamps, keyframes, the resized global
+frames; :mod:`m3ddm_jax.data.video_index`) and later elements of that video decode only their clip, from the
+keyframe before it; the elements are the same, bit for bit.
+
 Videos that cannot be decoded or are shorter than ``min_frames`` are *skipped*: the element is drawn from
 another file instead (deterministically, from the element's own RNG) and carries the ids of the skipped files
 (``skipped`` field, ``-1`` padded) so the trainer counts and names them. A run never trains on a dummy
@@ -39,6 +44,7 @@ from typing import Sequence
 import grain.python as grain
 import numpy as np
 
+from m3ddm_jax.data.video_index import IndexCache, Recorder, VideoIndex, decode_frames, decode_indexed
 from m3ddm_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,7 @@ class ClipSpec:
     crop_ratio: tuple = (3 / 4, 4 / 3)
     global_crop: bool = False
     max_retries: int = 8
+    cache_dir: str = ""  # a folder for per-video indexes (m3ddm_jax.data.video_index); "" = none
 
     def validate(self) -> None:
         if self.num_frames < 1 or self.num_global_frames < 1:
@@ -117,6 +124,13 @@ class ClipSpec:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if self.cache_dir:
+            try:
+                Path(self.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"data.cache_dir {self.cache_dir}: {e.strerror or e}") from e
+            if not os.access(Path(self.cache_dir).expanduser(), os.W_OK):
+                raise ConfigError(f"data.cache_dir {self.cache_dir} is not writable")
 
 
 # -- decoding -------------------------------------------------------------------------------------------
@@ -134,30 +148,6 @@ def _container_frame_count(path: str) -> tuple[int, float]:
         s = c.streams.video[0]
         rate = s.average_rate or s.guessed_rate or s.base_rate
         return int(s.frames or 0), float(rate) if rate else 30.0
-
-
-def decode_frames(path: str, indices: Sequence[int] | None) -> tuple[list[np.ndarray], int]:
-    """``(frames at `indices` (all frames if None), frames decoded)``, decoding sequentially and stopping
-    after the last wanted index."""
-    import av  # noqa: PLC0415
-
-    want = None if indices is None else set(int(i) for i in indices)
-    last = None if indices is None else max(indices)
-    got: dict[int, np.ndarray] = {}
-    out_all = []
-    n = 0
-    with av.open(path) as c:
-        for i, frame in enumerate(c.decode(c.streams.video[0])):
-            n = i + 1
-            if want is None:
-                out_all.append(frame.to_ndarray(format="rgb24"))
-            elif i in want:
-                got[i] = frame.to_ndarray(format="rgb24")
-                if i == last:
-                    break
-    if want is None:
-        return out_all, n
-    return [got[i] for i in indices if i in got], n
 
 
 def sample_indices(n: int, fps: float, spec: ClipSpec, rng: np.random.Generator):
@@ -205,19 +195,105 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+def _draws(index: VideoIndex, spec: ClipSpec, rng: np.random.Generator):
+    """:func:`load_clip`'s random draws, made from the index: the same draws in the same order, or a
+    :class:`BadVideo` where :func:`load_clip` raises one; None when the index cannot tell (not enough of the
+    video was decoded on the first visit)."""
+    if index.n_meta < spec.min_frames:  # load_clip decoded everything and counted
+        if not index.eof:
+            return None
+        if index.n_known < spec.min_frames:
+            raise BadVideo(f"{index.n_known} frames < min_frames {spec.min_frames}")
+        return sample_indices(index.n_known, index.fps, spec, rng)
+    d = sample_indices(index.n_meta, index.fps, spec, rng)
+    if max(int(d[0].max()), int(d[1].max())) < index.n_known:
+        return d
+    if not index.eof:
+        return None
+    if index.n_known < spec.min_frames:  # the container over-stated its length
+        raise BadVideo(f"{index.n_known} frames < min_frames {spec.min_frames}")
+    return sample_indices(index.n_known, index.fps, spec, rng)
+
+
+def _from_index(path: str, index: VideoIndex, spec: ClipSpec, rng: np.random.Generator) -> dict | None:
+    d = _draws(index, spec, rng)
+    if d is None:
+        return None
+    clip_idx, glob_idx, _, fps_cond = d
+    stored = None if spec.global_crop else index.global_frames
+    wanted = sorted(set(clip_idx.tolist()) | (set() if stored is not None else set(glob_idx.tolist())))
+    table = decode_indexed(path, index, wanted)
+    if table is None:  # timestamps that do not identify frames: decode from the start
+        got, _ = decode_frames(path, wanted)
+        if len(got) != len(wanted):
+            return None
+        table = dict(zip(wanted, got))
+    return _assemble(table, clip_idx, glob_idx, fps_cond, spec, rng, stored)
+
+
+def _assemble(table: dict, clip_idx, glob_idx, fps_cond: float, spec: ClipSpec, rng: np.random.Generator,
+              glob: np.ndarray | None = None) -> dict:
+    h, w = table[int(clip_idx[0])].shape[:2]
+    top, left, ch, cw = random_resized_crop_box(h, w, spec.crop_scale, spec.crop_ratio, rng)
+    clip = np.stack([resize(table[int(i)][top:top + ch, left:left + cw], spec.size) for i in clip_idx])
+    if spec.global_crop:
+        glob = np.stack([resize(table[int(i)][top:top + ch, left:left + cw], spec.global_size) for i in glob_idx])
+    elif glob is None:
+        glob = np.stack([resize(table[int(i)], spec.global_size) for i in glob_idx])
+    return {"frames": clip.astype(np.uint8), "global_frames": glob.astype(np.uint8),
+            "fps": np.float32(fps_cond)}
+
+
 def load_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> dict:
-    """One training element from one video (raises :class:`BadVideo`)."""
+    """One training element from one video (raises :class:`BadVideo`). With ``spec.cache_dir`` the video's
+    index (:mod:`m3ddm_jax.data.video_index`) is used when present and written when not; the element is
+    the same either way."""
+    cache = IndexCache(spec.cache_dir) if spec.cache_dir else None
+    if cache is not None:
+        index = cache.load(path, spec.num_global_frames, spec.global_size)
+        if index is not None:
+            state = rng.bit_generator.state
+            try:
+                el = _from_index(path, index, spec, rng)
+            except BadVideo:
+                raise
+            except Exception as e:  # noqa: BLE001 - PyAV errors: decode from the start below
+                log.debug("video index of %s not usable (%s)", path, e)
+                el = None
+            if el is not None:
+                return el
+            rng.bit_generator.state = state  # the same draws again, the plain way
+            cache = None  # keep the entry: it answers other draws of this video
+    record = Recorder() if cache is not None else None
+    meta = [0, 30.0]
+    try:
+        el = _load_clip(path, spec, rng, record, meta)
+    except BadVideo:
+        if record is not None and record.eof:  # too short: remembered, so later draws skip it at once
+            cache.save(path, spec.num_global_frames, spec.global_size, record.index(*meta))
+        raise
+    if record is not None:
+        index = record.index(*meta)
+        index.global_frames = None if spec.global_crop else el["global_frames"]
+        cache.save(path, spec.num_global_frames, spec.global_size, index)
+    return el
+
+
+def _load_clip(path: str, spec: ClipSpec, rng: np.random.Generator, record: Recorder | None, meta: list) -> dict:
+    """:func:`load_clip` without an index: decode from the start up to the last wanted frame (``record``
+    notes the first pass; ``meta`` receives the container's frame count and rate)."""
     try:
         n, fps = _container_frame_count(path)
+        meta[:] = [n, fps]
         frames_all = None
         if n < spec.min_frames:  # unknown or (claimed) too short: count by decoding
-            frames_all, n = decode_frames(path, None)
+            frames_all, n = decode_frames(path, None, record)
         if n < spec.min_frames:
             raise BadVideo(f"{n} frames < min_frames {spec.min_frames}")
         clip_idx, glob_idx, _, fps_cond = sample_indices(n, fps, spec, rng)
         if frames_all is None:
             wanted = sorted(set(clip_idx.tolist()) | set(glob_idx.tolist()))
-            got, decoded = decode_frames(path, wanted)
+            got, decoded = decode_frames(path, wanted, record)
             if len(got) != len(wanted):  # the container over-stated its length: decode everything instead
                 frames_all, n = decode_frames(path, None)
                 if n < spec.min_frames:
@@ -231,15 +307,7 @@ def load_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> dict:
         raise
     except Exception as e:  # PyAV errors: corrupt / not a video
         raise BadVideo(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'}") from e
-    h, w = table[int(clip_idx[0])].shape[:2]
-    top, left, ch, cw = random_resized_crop_box(h, w, spec.crop_scale, spec.crop_ratio, rng)
-    clip = np.stack([resize(table[int(i)][top:top + ch, left:left + cw], spec.size) for i in clip_idx])
-    if spec.global_crop:
-        glob = np.stack([resize(table[int(i)][top:top + ch, left:left + cw], spec.global_size) for i in glob_idx])
-    else:
-        glob = np.stack([resize(table[int(i)], spec.global_size) for i in glob_idx])
-    return {"frames": clip.astype(np.uint8), "global_frames": glob.astype(np.uint8),
-            "fps": np.float32(fps_cond)}
+    return _assemble(table, clip_idx, glob_idx, fps_cond, spec, rng)
 
 
 class SampleClip(grain.RandomMapTransform):

@@ -145,7 +145,7 @@ def clip_spec(config):
     return ClipSpec(num_frames=int(d.num_frames), num_global_frames=int(d.num_global_frames), size=int(d.size),
                     global_size=int(d.global_size), max_stride=int(d.max_stride), min_frames=int(d.min_frames),
                     crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), global_crop=bool(d.global_crop),
-                    max_retries=int(d.max_retries))
+                    max_retries=int(d.max_retries), cache_dir=str(d.get("cache_dir", "") or ""))
 
 
 def unet_options(config) -> dict:
