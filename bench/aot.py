@@ -12,7 +12,10 @@ Training rows: the full model, the paper's clips (16 frames + 16 global frames a
 with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 32 x fsdp 8). ``batch N`` rows
 are full compiles (code generated: per-device bytes, FLOPs, compile time); ``max`` rows search the largest
 global batch with memory probes (``--memory-probe``: the compiler stops at memory assignment and states the
-need, about 1/5 of a full compile). Inference rows: one window, 50 PLMS steps, 16 frames at 256 px (32x32
+need, about 1/5 of a full compile), which gives an upper bound: a probe's need is below a real compile's;
+``fit`` rows then descend from that bound with real compiles (``--max-batch --below N``): the batches that
+do not fit fail at memory assignment as cheaply as probes, and the answer is one full compile, bracketed by
+a failure at the next batch. Inference rows: one window, 50 PLMS steps, 16 frames at 256 px (32x32
 latents), 16 global frames, on ONE chip.
 
 Cost on the host (2 cores, 24 GiB + swap): the full-size inference window compiles in about 10 CPU-minutes
@@ -52,6 +55,10 @@ ROWS = {
     "train-v4-8-max": ["--topology", "v4:2x2x1", *TRAIN, *FSDP4, *PROBE_MAX],
     "train-v6e-8-max": ["--topology", "v6e:2x4", *TRAIN, *FSDP8, *PROBE_MAX],
     "train-v5p-8-max": ["--topology", "v5p:2x2x1", *TRAIN, *FSDP4, *PROBE_MAX],
+    "train-v5e-8-fit": ["--topology", "v5e:2x4", *TRAIN, *FSDP8, "--max-batch"],
+    "train-v4-8-fit": ["--topology", "v4:2x2x1", *TRAIN, *FSDP4, "--max-batch"],
+    "train-v6e-8-fit": ["--topology", "v6e:2x4", *TRAIN, *FSDP8, "--max-batch"],
+    "train-v5p-8-fit": ["--topology", "v5p:2x2x1", *TRAIN, *FSDP4, "--max-batch"],
     "train-v5e-256": ["--topology", "v5e:16x16", *TRAIN, "--config.mesh.shape.data=32",
                       "--config.mesh.shape.fsdp=8", "--batch", "256"],
 }
@@ -59,6 +66,15 @@ ROWS = {
 
 def run_row(name: str, out: Path, extra: list[str]) -> None:
     dest = out / f"{name}.json"
+    if name.endswith("-fit"):  # real compiles down from the probe search's bound (run first if not saved)
+        probe = out / f"{name[:-len('-fit')]}-max.json"
+        if not probe.exists():
+            run_row(probe.stem, out, [])
+        r = json.loads(probe.read_text())
+        if "max_batch" not in r:
+            print(f"== {name}: skipped, the probe search {probe.stem} found no batch", flush=True)
+            return
+        extra = [*extra, "--below", str(r["max_batch"])]
     cmd = [sys.executable, "-m", "m3ddm_jax.aot", *ROWS[name], *extra, "--json", str(dest)]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.perf_counter()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import math
 import re
@@ -167,9 +168,11 @@ def enable_memory_probe() -> None:
     The compiler is told each chip has ``PROBE_HBM_MIB`` of HBM (libtpu's ``--xla_tpu_max_hbm_size_mib``), so
     every program fails at memory assignment, after the HLO passes (fusion, sharding, scheduling, the
     compiler's own rematerialisation) and before code generation, which is most of a large compile (about
-    4/5 of the full model's train step), with a message stating the bytes the program needs per device: its
-    minimum after the compiler's rematerialisation. A program fits a chip when that need is within the
-    chip's limit (a real compile then rematerialises no more than it must); FLOPs are not measured.
+    4/5 of the full model's train step), with a message stating the bytes the program needs per device.
+    That need is a lower bound, not a fit: a real compile against the chip's limit assigns more (the full
+    train step at batch 144 on v5e-8: 15.43 GiB probed, 17.41 GiB real, so it does not fit the 15.75 GiB). A
+    probe search therefore bounds the largest batch from above, and :func:`max_batch_below` finds it with real
+    compiles from there. FLOPs are not measured.
     """
     import os  # noqa: PLC0415
 
@@ -182,7 +185,8 @@ def enable_memory_probe() -> None:
 class MemoryProbe:
     """A program (:class:`TrainProgram` / :class:`InferProgram`) measured by memory probes
     (:func:`enable_memory_probe`): ``compile(batch)`` returns a probe :class:`CompileResult` holding the need,
-    or raises :class:`DoesNotFitError` against the chip's real limit. :func:`max_batch` takes it as it is."""
+    or raises :class:`DoesNotFitError` when even that lower bound exceeds the chip's limit. :func:`max_batch`
+    takes it as it is (and then finds an upper bound of the largest batch)."""
 
     def __init__(self, program):
         self.program, self.what, self.topo = program, program.what, program.topo
@@ -610,6 +614,59 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
     return best[0] * d, best[1], tried
 
 
+def max_batch_below(program, start: int, *, log: Callable[[str], None] = print
+                    ) -> tuple[int, CompileResult | None, list]:
+    """Largest global batch ``<= start`` whose program compiles, by real compiles descending from an upper
+    bound, such as a memory-probe search's result (a probe's need is a lower bound of a real compile's: at
+    the v5e-8 probe maximum, batch 144, the probe needed 15.43 GiB and the real compile 17.41).
+
+    A real compile that does not fit fails at memory assignment, before code generation, and states its
+    need, so the failures of the descent are cheap; its one success is the full compile. Each step goes down
+    by the need over the limit divided by the memory slope per batch step: need / k after the first failure
+    (an overestimate of the slope when memory has a fixed part, so the step never passes the answer), then
+    the secant of the last two failures. After the success the next batch is compiled unless it was seen to
+    fail, so the answer is bracketed. Returns what :func:`max_batch` returns."""
+    d = program.divisor
+    tried: list = []
+    fails: dict[int, float] = {}  # k -> need (inf: not stated)
+    limit = [None]  # the compiler's stated limit
+
+    def attempt(k: int) -> CompileResult | None:
+        try:
+            r = program.compile(k * d)
+        except DoesNotFitError as e:
+            tried.append((k * d, False, e.need_bytes))
+            log(f"  batch {k * d}: does not fit ({e})")
+            fails[k] = e.need_bytes if e.need_bytes and e.limit_bytes else math.inf
+            limit[0] = e.limit_bytes or limit[0]
+            return None
+        tried.append((k * d, True, r.peak_bytes))
+        log(f"  batch {k * d}: {r.peak_bytes / GIB:.2f} GiB peak, compiled in {r.compile_s:.1f} s")
+        return r
+
+    k = max(1, start // d)
+    while k >= 1 and (r := attempt(k)) is None:
+        known = sorted((a, b) for a, b in fails.items() if math.isfinite(b))
+        if not math.isfinite(fails[k]):
+            k -= 1
+            continue
+        if len(known) > 1:  # the two smallest failing batches: the nearest to the answer
+            (k1, n1), (k2, n2) = known[:2]
+            slope = (n2 - n1) / (k2 - k1)
+        else:
+            slope = fails[k] / k
+        k -= max(1, math.ceil((fails[k] - limit[0]) / slope) if slope > 0 else 1)
+        if k < 1 and 1 not in fails:  # the smallest batch is always tried before giving up
+            k = 1
+    if k < 1:
+        return 0, None, tried
+    best = (k, r)
+    k += 1
+    while k not in fails and k * d <= start and (r := attempt(k)) is not None:
+        best, k = (k, r), k + 1
+    return best[0] * d, best[1], tried
+
+
 # -- CLI -------------------------------------------------------------------------------------------------
 
 def _parser():
@@ -627,6 +684,9 @@ def _parser():
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, default=None, help="train: global batch (default: the config's); infer: windows per denoiser call (default 1)")
     g.add_argument("--max-batch", action="store_true", help="find the largest global batch that compiles")
+    p.add_argument("--below", type=int, default=None,
+                   help="with --max-batch: search by real compiles down from this upper bound (e.g. a --memory-probe "
+                        "search's result); failures stop before code generation, so only the answer is a full compile")
     p.add_argument("--dtype", default="bfloat16", help="infer: parameter and compute dtype")
     p.add_argument("--rows", type=int, default=3, help="infer: guidance rows, 3 (uu, cu, cc) or 4")
     p.add_argument("--frames", type=int, default=16, help="infer: window frames")
@@ -671,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         import json  # noqa: PLC0415
 
+        if args.below is not None and (not args.max_batch or args.memory_probe or args.below < 1):
+            raise ConfigError("--below N (N >= 1) goes with --max-batch and without --memory-probe")
         if args.memory_probe:
             enable_memory_probe()
         program, config = build_program(args, overrides)
@@ -679,9 +741,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{program.what} on {args.topology}: {program.topo.n} devices ({program.topo.chip.name}), "
               f"{program.topo.hosts} host(s); {program.settings}", flush=True)
         if args.max_batch:
-            batch, res, tried = max_batch(program, log=lambda s: print(s, flush=True))
+            search = max_batch if args.below is None else functools.partial(max_batch_below, start=args.below)
+            batch, res, tried = search(program, log=lambda s: print(s, flush=True))
             if res is None:
-                n, lim = tried[0][2], program.topo.chip.hbm_gib * GIB
+                n, lim = min(tried)[2], program.topo.chip.hbm_gib * GIB
                 raise DoesNotFitError(f"{program.what} does not fit on {args.topology} ({program.topo.chip.name}) even at "
                                       f"batch {program.divisor}: needs {n / GIB:.2f} GiB per device, limit "
                                       f"{lim / GIB:.2f} GiB" if n else f"{program.what} does not fit on {args.topology}",

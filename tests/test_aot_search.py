@@ -102,3 +102,53 @@ def test_memory_probe_must_come_before_libtpu(monkeypatch):
     import os
 
     assert os.environ["LIBTPU_INIT_ARGS"] == f"--xla_foo=1 --xla_tpu_max_hbm_size_mib={aot.PROBE_HBM_MIB}"
+
+
+class RealLimitProgram(FakeProgram):
+    """A real compile whose need is ``probe_ratio`` above what the memory probe states (as the compiler's:
+    batch 144 on v5e-8 probed 15.43 GiB and needed 17.41); failures are cheap, successes are counted."""
+
+    def __init__(self, *a, probe_ratio=1.13, **k):
+        super().__init__(*a, **k)
+        self.ratio = probe_ratio
+
+    def need(self, batch):
+        return super().need(batch) * self.ratio
+
+
+@pytest.mark.parametrize("divisor,fixed,per,bump", [
+    (8, 2.7, 0.085, None),                              # the v5e-8 numbers, roughly
+    (4, 1.0, 0.2, None),
+    (8, 3.0, 0.06, lambda b: 1e-4 * b * b),             # superlinear
+    (8, 3.0, 0.11, lambda b: 0.9 * (b > 64)),           # a step
+])
+def test_max_batch_below_descends_from_the_probe_bound_to_the_real_maximum(divisor, fixed, per, bump):
+    real = RealLimitProgram(divisor, fixed, per, bump=bump)
+    probed = aot.MemoryProbe(ProbedProgram(divisor, fixed, per, bump=bump))
+    bound, _, _ = aot.max_batch(probed, log=lambda s: None)
+    truth = brute_force(real)
+    assert bound > truth  # the probe's bound is above what a real compile fits
+    batch, res, tried = aot.max_batch_below(real, bound, log=lambda s: None)
+    fits = [b for b, ok, _ in tried if ok]
+    print(f"\nprobe bound {bound}, real maximum {truth}: compiled {[(b, ok) for b, ok, _ in tried]}")
+    assert batch == truth and res.batch == truth
+    assert any(b == truth + divisor and not ok for b, ok, _ in tried)  # bracketed
+    assert len(fits) == 1 and len(tried) <= 6  # one full compile; the failures are cheap
+
+
+def test_max_batch_below_nothing_fits():
+    p = FakeProgram(8, 16.0, 0.1)
+    batch, res, tried = aot.max_batch_below(p, 64, log=lambda s: None)
+    assert (batch, res) == (0, None) and all(not ok for _, ok, _ in tried) and tried[-1][0] == 8
+
+
+def test_max_batch_below_concave_memory_climbs_back():
+    """Memory that grows more slowly near the top (the real v5e-8 needs: 16.35 GiB at 120, 17.11 at 136, 17.41
+    at 144) makes the secant overshoot: the search then climbs with full compiles until one fails."""
+    import math
+
+    real = RealLimitProgram(8, 1.0, 0.0, probe_ratio=1.0, bump=lambda b: 1.45 * math.sqrt(b))
+    truth = brute_force(real)
+    batch, res, tried = aot.max_batch_below(real, 160, log=lambda s: None)
+    print(f"\nreal maximum {truth}: compiled {[(b, ok) for b, ok, _ in tried]}")
+    assert batch == truth and any(b == truth + 8 and not ok for b, ok, _ in tried)
