@@ -12,10 +12,10 @@ Training rows: the full model, the paper's clips (16 frames + 16 global frames a
 with fp32 Adam master weights, remat, FSDP over the host's chips (v5e-256: data 32 x fsdp 8). ``batch N`` rows
 are full compiles (code generated: per-device bytes, FLOPs, compile time); ``max`` rows search the largest
 global batch with memory probes (``--memory-probe``: the compiler stops at memory assignment and states the
-need, about 1/5 of a full compile), which gives an upper bound: a probe's need is below a real compile's;
-``fit`` rows then descend from that bound with real compiles (``--max-batch --below N``): the batches that
-do not fit fail at memory assignment as cheaply as probes, and the answer is one full compile, bracketed by
-a failure at the next batch. Inference rows: one window, 50 PLMS steps, 16 frames at 256 px (32x32
+need, about 1/5 of a full compile), which is where the search by real compiles starts: a probe's need is
+not a real compile's (more on v5p, less on v5e). ``fit`` rows run that search (``--max-batch --start N``):
+batches that do not fit fail at memory assignment as cheaply as probes, those that fit are full compiles,
+and the answer is bracketed by a failure at the next batch. Inference rows: one window, 50 PLMS steps, 16 frames at 256 px (32x32
 latents), 16 global frames, on ONE chip.
 
 Cost on the host (2 cores, 24 GiB + swap): the full-size inference window compiles in about 10 CPU-minutes
@@ -66,7 +66,7 @@ ROWS = {
 
 def run_row(name: str, out: Path, extra: list[str]) -> None:
     dest = out / f"{name}.json"
-    if name.endswith("-fit"):  # real compiles down from the probe search's bound (run first if not saved)
+    if name.endswith("-fit"):  # real compiles from the probe search's answer (run first if not saved)
         probe = out / f"{name[:-len('-fit')]}-max.json"
         if not probe.exists():
             run_row(probe.stem, out, [])
@@ -74,7 +74,7 @@ def run_row(name: str, out: Path, extra: list[str]) -> None:
         if "max_batch" not in r:
             print(f"== {name}: skipped, the probe search {probe.stem} found no batch", flush=True)
             return
-        extra = [*extra, "--below", str(r["max_batch"])]
+        extra = [*extra, "--start", str(r["max_batch"])]
     cmd = [sys.executable, "-m", "m3ddm_jax.aot", *ROWS[name], *extra, "--json", str(dest)]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.perf_counter()

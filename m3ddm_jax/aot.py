@@ -171,8 +171,9 @@ def enable_memory_probe() -> None:
     4/5 of the full model's train step), with a message stating the bytes the program needs per device.
     That need is a lower bound, not a fit: a real compile against the chip's limit assigns more (the full
     train step at batch 144 on v5e-8: 15.43 GiB probed, 17.41 GiB real, so it does not fit the 15.75 GiB). A
-    probe search therefore bounds the largest batch from above, and :func:`max_batch_below` finds it with real
-    compiles from there. FLOPs are not measured.
+    probe search therefore gives a starting point, not the answer (on v5p-8 the probe overstates: 93.62 GiB
+    probed, 90.79 real), and :func:`max_batch_from` finds the answer with real compiles from there. FLOPs are
+    not measured.
     """
     import os  # noqa: PLC0415
 
@@ -186,7 +187,7 @@ class MemoryProbe:
     """A program (:class:`TrainProgram` / :class:`InferProgram`) measured by memory probes
     (:func:`enable_memory_probe`): ``compile(batch)`` returns a probe :class:`CompileResult` holding the need,
     or raises :class:`DoesNotFitError` when even that lower bound exceeds the chip's limit. :func:`max_batch`
-    takes it as it is (and then finds an upper bound of the largest batch)."""
+    takes it as it is (and then finds where real compiles should start: :func:`max_batch_from`)."""
 
     def __init__(self, program):
         self.program, self.what, self.topo = program, program.what, program.topo
@@ -614,18 +615,20 @@ def max_batch(program, *, limit_steps: int = 4096, log: Callable[[str], None] = 
     return best[0] * d, best[1], tried
 
 
-def max_batch_below(program, start: int, *, log: Callable[[str], None] = print
-                    ) -> tuple[int, CompileResult | None, list]:
-    """Largest global batch ``<= start`` whose program compiles, by real compiles descending from an upper
-    bound, such as a memory-probe search's result (a probe's need is a lower bound of a real compile's: at
-    the v5e-8 probe maximum, batch 144, the probe needed 15.43 GiB and the real compile 17.41).
+def max_batch_from(program, start: int, *, log: Callable[[str], None] = print
+                   ) -> tuple[int, CompileResult | None, list]:
+    """Largest global batch whose program compiles, by real compiles from ``start``, such as a memory-probe
+    search's result. A probe's need is not a bound either way: on v5e-8 at batch 144 the probe needed 15.43
+    GiB and the real compile 17.41 (does not fit), on v5p-8 at batch 408 the probe needed 93.62 GiB and the
+    real compile peaked at 90.79 (fits).
 
     A real compile that does not fit fails at memory assignment, before code generation, and states its
-    need, so the failures of the descent are cheap; its one success is the full compile. Each step goes down
-    by the need over the limit divided by the memory slope per batch step: need / k after the first failure
-    (an overestimate of the slope when memory has a fixed part, so the step never passes the answer), then
-    the secant of the last two failures. After the success the next batch is compiled unless it was seen to
-    fail, so the answer is bracketed. Returns what :func:`max_batch` returns."""
+    need, so the failures are cheap and the successes are full compiles. While the batch does not fit, each
+    step goes down by the need over the limit divided by the memory slope per batch step: need / k after the
+    first failure (an overestimate of the slope when memory has a fixed part, so the step does not pass the
+    answer), then the secant of the two smallest failures. From the first batch that compiles the search
+    goes up one step at a time until one does not, so the answer is bracketed. Returns what
+    :func:`max_batch` returns."""
     d = program.divisor
     tried: list = []
     fails: dict[int, float] = {}  # k -> need (inf: not stated)
@@ -662,7 +665,7 @@ def max_batch_below(program, start: int, *, log: Callable[[str], None] = print
         return 0, None, tried
     best = (k, r)
     k += 1
-    while k not in fails and k * d <= start and (r := attempt(k)) is not None:
+    while k not in fails and (r := attempt(k)) is not None:
         best, k = (k, r), k + 1
     return best[0] * d, best[1], tried
 
@@ -684,9 +687,10 @@ def _parser():
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, default=None, help="train: global batch (default: the config's); infer: windows per denoiser call (default 1)")
     g.add_argument("--max-batch", action="store_true", help="find the largest global batch that compiles")
-    p.add_argument("--below", type=int, default=None,
-                   help="with --max-batch: search by real compiles down from this upper bound (e.g. a --memory-probe "
-                        "search's result); failures stop before code generation, so only the answer is a full compile")
+    p.add_argument("--start", type=int, default=None,
+                   help="with --max-batch: search by real compiles from this batch (e.g. a --memory-probe search's "
+                        "result), down while it does not fit (failures stop before code generation), then up until "
+                        "one does not")
     p.add_argument("--dtype", default="bfloat16", help="infer: parameter and compute dtype")
     p.add_argument("--rows", type=int, default=3, help="infer: guidance rows, 3 (uu, cu, cc) or 4")
     p.add_argument("--frames", type=int, default=16, help="infer: window frames")
@@ -731,8 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         import json  # noqa: PLC0415
 
-        if args.below is not None and (not args.max_batch or args.memory_probe or args.below < 1):
-            raise ConfigError("--below N (N >= 1) goes with --max-batch and without --memory-probe")
+        if args.start is not None and (not args.max_batch or args.memory_probe or args.start < 1):
+            raise ConfigError("--start N (N >= 1) goes with --max-batch and without --memory-probe")
         if args.memory_probe:
             enable_memory_probe()
         program, config = build_program(args, overrides)
@@ -741,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{program.what} on {args.topology}: {program.topo.n} devices ({program.topo.chip.name}), "
               f"{program.topo.hosts} host(s); {program.settings}", flush=True)
         if args.max_batch:
-            search = max_batch if args.below is None else functools.partial(max_batch_below, start=args.below)
+            search = max_batch if args.start is None else functools.partial(max_batch_from, start=args.start)
             batch, res, tried = search(program, log=lambda s: print(s, flush=True))
             if res is None:
                 n, lim = min(tried)[2], program.topo.chip.hbm_gib * GIB

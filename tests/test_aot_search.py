@@ -122,13 +122,13 @@ class RealLimitProgram(FakeProgram):
     (8, 3.0, 0.06, lambda b: 1e-4 * b * b),             # superlinear
     (8, 3.0, 0.11, lambda b: 0.9 * (b > 64)),           # a step
 ])
-def test_max_batch_below_descends_from_the_probe_bound_to_the_real_maximum(divisor, fixed, per, bump):
+def test_max_batch_from_descends_from_the_probe_bound_to_the_real_maximum(divisor, fixed, per, bump):
     real = RealLimitProgram(divisor, fixed, per, bump=bump)
     probed = aot.MemoryProbe(ProbedProgram(divisor, fixed, per, bump=bump))
     bound, _, _ = aot.max_batch(probed, log=lambda s: None)
     truth = brute_force(real)
-    assert bound > truth  # the probe's bound is above what a real compile fits
-    batch, res, tried = aot.max_batch_below(real, bound, log=lambda s: None)
+    assert bound > truth  # the probe's answer is above what a real compile fits
+    batch, res, tried = aot.max_batch_from(real, bound, log=lambda s: None)
     fits = [b for b, ok, _ in tried if ok]
     print(f"\nprobe bound {bound}, real maximum {truth}: compiled {[(b, ok) for b, ok, _ in tried]}")
     assert batch == truth and res.batch == truth
@@ -136,19 +136,28 @@ def test_max_batch_below_descends_from_the_probe_bound_to_the_real_maximum(divis
     assert len(fits) == 1 and len(tried) <= 6  # one full compile; the failures are cheap
 
 
-def test_max_batch_below_nothing_fits():
+def test_max_batch_from_nothing_fits():
     p = FakeProgram(8, 16.0, 0.1)
-    batch, res, tried = aot.max_batch_below(p, 64, log=lambda s: None)
+    batch, res, tried = aot.max_batch_from(p, 64, log=lambda s: None)
     assert (batch, res) == (0, None) and all(not ok for _, ok, _ in tried) and tried[-1][0] == 8
 
 
-def test_max_batch_below_concave_memory_climbs_back():
+def test_max_batch_from_concave_memory_climbs_back():
     """Memory that grows more slowly near the top (the real v5e-8 needs: 16.35 GiB at 120, 17.11 at 136, 17.41
     at 144) makes the secant overshoot: the search then climbs with full compiles until one fails."""
     import math
 
     real = RealLimitProgram(8, 1.0, 0.0, probe_ratio=1.0, bump=lambda b: 1.45 * math.sqrt(b))
     truth = brute_force(real)
-    batch, res, tried = aot.max_batch_below(real, 160, log=lambda s: None)
+    batch, res, tried = aot.max_batch_from(real, 160, log=lambda s: None)
     print(f"\nreal maximum {truth}: compiled {[(b, ok) for b, ok, _ in tried]}")
     assert batch == truth and any(b == truth + 8 and not ok for b, ok, _ in tried)
+
+
+def test_max_batch_from_climbs_when_the_start_fits():
+    """The probe can understate too (v5p-8: 93.62 GiB probed at 408, 90.79 GiB real): from a start that fits
+    the search goes up with full compiles until one does not."""
+    real = RealLimitProgram(4, 1.0, 0.2, probe_ratio=0.97)
+    truth = brute_force(real)
+    batch, res, tried = aot.max_batch_from(real, truth - 8, log=lambda s: None)
+    assert batch == truth and [ok for _, ok, _ in tried] == [True, True, True, False]
