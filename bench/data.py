@@ -103,7 +103,8 @@ def main() -> int:
         rng = np.random.default_rng(0)
         load_clip(files[0], spec, rng)  # warm-up (imports, codec init)
         rows = {}
-        for label, sp in (("plain", spec), ("index", dataclasses.replace(spec, cache_dir=str(Path(tmp) / "idx")))):
+        indexed = dataclasses.replace(spec, cache_dir=str(Path(tmp) / "idx"))
+        for label, sp in (("plain", spec), ("index", indexed)):
             if label == "index":  # first visits: decode as before and write each video's index
                 t, c = time.perf_counter(), time.process_time()
                 for f in files:
@@ -134,7 +135,6 @@ def main() -> int:
               f"{out['index_first_visit_cpu_s_per_video'] * 1e3:.0f} ms CPU, {out['index_bytes_per_video'] / 1e3:.0f} KB "
               f"per video): load_clip median {med * 1e3:.0f} ms wall, {cpu_med * 1e3:.0f} ms CPU -> "
               f"{1 / cpu_med:.2f} clips/s per busy core", flush=True)
-        indexed = dataclasses.replace(spec, cache_dir=str(Path(tmp) / "idx"))
         for w in [int(x) for x in args.workers.split(",") if x.strip()]:
             for label, sp in (("", spec), ("_index", indexed)):
                 it = iter(make_loader(files, sp, batch_size=args.batch, seed=0, worker_count=w))

@@ -169,10 +169,10 @@ def enable_memory_probe() -> None:
     every program fails at memory assignment, after the HLO passes (fusion, sharding, scheduling, the
     compiler's own rematerialisation) and before code generation, which is most of a large compile (about
     4/5 of the full model's train step), with a message stating the bytes the program needs per device.
-    That need is a lower bound, not a fit: a real compile against the chip's limit assigns more (the full
-    train step at batch 144 on v5e-8: 15.43 GiB probed, 17.41 GiB real, so it does not fit the 15.75 GiB). A
-    probe search therefore gives a starting point, not the answer (on v5p-8 the probe overstates: 93.62 GiB
-    probed, 90.79 real), and :func:`max_batch_from` finds the answer with real compiles from there. FLOPs are
+    That need is not a real compile's, in either direction: the full train step at batch 144 on v5e-8 probed
+    15.43 GiB and needs 17.41 (it does not fit the 15.75 GiB), at batch 408 on v5p-8 it probed 93.62 GiB and
+    peaks at 90.79. A probe search therefore gives a starting point, not the answer, and
+    :func:`max_batch_from` finds the answer with real compiles from there. FLOPs are
     not measured.
     """
     import os  # noqa: PLC0415
@@ -186,7 +186,7 @@ def enable_memory_probe() -> None:
 class MemoryProbe:
     """A program (:class:`TrainProgram` / :class:`InferProgram`) measured by memory probes
     (:func:`enable_memory_probe`): ``compile(batch)`` returns a probe :class:`CompileResult` holding the need,
-    or raises :class:`DoesNotFitError` when even that lower bound exceeds the chip's limit. :func:`max_batch`
+    or raises :class:`DoesNotFitError` when that need exceeds the chip's limit. :func:`max_batch`
     takes it as it is (and then finds where real compiles should start: :func:`max_batch_from`)."""
 
     def __init__(self, program):
@@ -632,16 +632,17 @@ def max_batch_from(program, start: int, *, log: Callable[[str], None] = print
     d = program.divisor
     tried: list = []
     fails: dict[int, float] = {}  # k -> need (inf: not stated)
-    limit = [None]  # the compiler's stated limit
+    limit = None  # the compiler's stated limit
 
     def attempt(k: int) -> CompileResult | None:
+        nonlocal limit
         try:
             r = program.compile(k * d)
         except DoesNotFitError as e:
             tried.append((k * d, False, e.need_bytes))
             log(f"  batch {k * d}: does not fit ({e})")
             fails[k] = e.need_bytes if e.need_bytes and e.limit_bytes else math.inf
-            limit[0] = e.limit_bytes or limit[0]
+            limit = e.limit_bytes or limit
             return None
         tried.append((k * d, True, r.peak_bytes))
         log(f"  batch {k * d}: {r.peak_bytes / GIB:.2f} GiB peak, compiled in {r.compile_s:.1f} s")
@@ -658,7 +659,7 @@ def max_batch_from(program, start: int, *, log: Callable[[str], None] = print
             slope = (n2 - n1) / (k2 - k1)
         else:
             slope = fails[k] / k
-        k -= max(1, math.ceil((fails[k] - limit[0]) / slope) if slope > 0 else 1)
+        k -= max(1, math.ceil((fails[k] - limit) / slope) if slope > 0 else 1)
         if k < 1 and 1 not in fails:  # the smallest batch is always tried before giving up
             k = 1
     if k < 1:

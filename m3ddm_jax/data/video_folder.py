@@ -265,26 +265,26 @@ def load_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> dict:
             rng.bit_generator.state = state  # the same draws again, the plain way
             cache = None  # keep the entry: it answers other draws of this video
     record = Recorder() if cache is not None else None
-    meta = [0, 30.0]
     try:
-        el = _load_clip(path, spec, rng, record, meta)
+        el = _load_clip(path, spec, rng, record)
     except BadVideo:
         if record is not None and record.eof:  # too short: remembered, so later draws skip it at once
-            cache.save(path, spec.num_global_frames, spec.global_size, record.index(*meta))
+            cache.save(path, spec.num_global_frames, spec.global_size, record.index())
         raise
     if record is not None:
-        index = record.index(*meta)
+        index = record.index()
         index.global_frames = None if spec.global_crop else el["global_frames"]
         cache.save(path, spec.num_global_frames, spec.global_size, index)
     return el
 
 
-def _load_clip(path: str, spec: ClipSpec, rng: np.random.Generator, record: Recorder | None, meta: list) -> dict:
+def _load_clip(path: str, spec: ClipSpec, rng: np.random.Generator, record: Recorder | None) -> dict:
     """:func:`load_clip` without an index: decode from the start up to the last wanted frame (``record``
-    notes the first pass; ``meta`` receives the container's frame count and rate)."""
+    notes the container's frame count and rate and the first decoding pass)."""
     try:
         n, fps = _container_frame_count(path)
-        meta[:] = [n, fps]
+        if record is not None:
+            record.n_meta, record.fps = n, fps
         frames_all = None
         if n < spec.min_frames:  # unknown or (claimed) too short: count by decoding
             frames_all, n = decode_frames(path, None, record)

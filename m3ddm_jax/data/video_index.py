@@ -61,21 +61,23 @@ class VideoIndex:
 
 
 class Recorder:
-    """Collects ``(pts, keyframe)`` of every decoded frame, in order (see :func:`decode_frames`)."""
+    """Collects ``(pts, keyframe)`` of every decoded frame, in order (see :func:`decode_frames`), and the
+    container's stated frame count and rate (``n_meta``, ``fps``, set by the loader)."""
 
     def __init__(self):
         self.pts: list = []
         self.key: list[bool] = []
         self.eof = False
+        self.n_meta, self.fps = 0, 30.0
 
     def add(self, frame) -> None:
         self.pts.append(frame.pts)
         self.key.append(bool(frame.key_frame))
 
-    def index(self, n_meta: int, fps: float) -> VideoIndex:
+    def index(self) -> VideoIndex:
         pts = self.pts
         ok = all(p is not None for p in pts) and all(b > a for a, b in zip(pts, pts[1:]))
-        return VideoIndex(n_meta=int(n_meta), n_known=len(pts), eof=self.eof, fps=float(fps),
+        return VideoIndex(n_meta=int(self.n_meta), n_known=len(pts), eof=self.eof, fps=float(self.fps),
                           pts=np.asarray(pts if ok else [], np.int64), keyframe=np.asarray(self.key, bool))
 
 
@@ -117,8 +119,8 @@ def decode_indexed(path: str, index: VideoIndex, indices: Sequence[int]) -> dict
 
     if not index.seekable:
         return None
-    want = sorted(set(int(i) for i in indices))
-    first, last = want[0], want[-1]
+    want = set(int(i) for i in indices)
+    first, last = min(want), max(want)
     keys = np.flatnonzero(index.keyframe[:first + 1])
     start = int(keys[-1]) if len(keys) else 0
     where = {int(p): i for i, p in enumerate(index.pts)}
