@@ -483,7 +483,6 @@ class InferProgram:
                  frames: int = 16, size: int = 256, global_frames: int = 16, global_size: int = 256,
                  steps: int = 50, sampler: str = "plms", attention_impl: str = "xla",
                  attention_budget_mib: float | str | None = "auto", guidance=None):
-        import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
         from flax import nnx  # noqa: PLC0415
 
