@@ -72,8 +72,9 @@ def test_folder_then_rerun_skips_then_overwrite(infer, clips, weights_dir, tmp_p
     PyAV/libx264 output changes with the heap's history (the same frames encoded after unrelated malloc/free
     traffic give 2-3 different bitstreams in 8 tries). A lossless output decodes to exactly the frames handed in."""
     out = tmp_path / "out"  # created by infer.py
+    args = (clips, "--output-dir", out, "--lossless", "--weights", weights_dir, *COMMON)
     loads, n_calls = infer.loads, len(infer.calls)
-    rc, so, se = infer(clips, "--output-dir", out, "--lossless", "--weights", weights_dir, *COMMON)
+    rc, so, se = infer(*args)
     print(so, se)
     assert rc == 0, se
     assert sorted(p.name for p in out.iterdir()) == ["a_16-9.mp4", "b_16-9.mp4"]  # no temporaries either
@@ -87,7 +88,7 @@ def test_folder_then_rerun_skips_then_overwrite(infer, clips, weights_dir, tmp_p
     before = stamps(out)
 
     # rerun: both skipped, named, nothing rewritten, no weights loaded
-    rc, so, se = infer(clips, "--output-dir", out, "--lossless", "--weights", weights_dir, *COMMON)
+    rc, so, se = infer(*args)
     assert rc == 0, se
     assert f"skipped {out / 'a_16-9.mp4'}: exists" in so and f"skipped {out / 'b_16-9.mp4'}: exists" in so
     assert "0 written, 2 skipped (exist), 0 failed" in so
@@ -95,8 +96,7 @@ def test_folder_then_rerun_skips_then_overwrite(infer, clips, weights_dir, tmp_p
 
     # --overwrite: written again, the same frames (same seed)
     frames = {p.name: read_video(p).frames for p in out.iterdir()}
-    rc, so, se = infer(clips, "--output-dir", out, "--overwrite", "--lossless", "--weights", weights_dir,
-                       *COMMON)
+    rc, so, se = infer(*args, "--overwrite")
     assert rc == 0, se
     assert "2 written, 0 skipped (exist), 0 failed" in so
     after = stamps(out)
