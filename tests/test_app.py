@@ -143,20 +143,26 @@ def clear_status(page) -> None:
     page.evaluate("document.querySelector('#status textarea').value = ''")
 
 
-def upload(page, path: Path) -> None:
-    """Put ``path`` into the upload box (clearing the file already there, as a user would)."""
+def upload(page, path: Path, timeout: float = 30) -> None:
+    """Put ``path`` into the upload box, clearing the file already there as a user would.
+
+    The box holds a file exactly when its drop zone (the file input) is gone; Clear brings the drop zone back.
+    The state is read again each time round, never assumed: after an upload Gradio refused (over --max-mb) it
+    re-renders, and a Clear button counted a moment ago may be gone, or lie stale under the drop zone."""
     clear = page.locator("#upload button[aria-label=Clear]")
-    if clear.count():
-        try:
-            clear.first.click(timeout=5_000)
-        except Exception as e:  # noqa: BLE001  Playwright's TimeoutError
-            # after an upload Gradio refused (over --max-mb) the empty drop zone lies over a stale Clear button:
-            # there is nothing to clear then
-            if "intercepts pointer events" not in str(e):
-                raise
-        page.wait_for_selector("#upload input[type=file]", state="attached", timeout=30_000)
+    file_input = page.locator("#upload input[type=file]")
+    end = time.monotonic() + timeout
+    while not file_input.count():
+        if time.monotonic() > end:
+            pytest.fail(f"the upload box never offered its drop zone in {timeout} s (Clear buttons: {clear.count()})")
+        if clear.count():
+            try:
+                clear.first.click(timeout=1_000)
+            except Exception:  # noqa: BLE001  Playwright's TimeoutError: detached or re-rendered; look again
+                pass
+        page.wait_for_timeout(100)
     clear_status(page)
-    page.set_input_files("#upload input[type=file]", str(path))
+    file_input.first.set_input_files(str(path))
 
 
 def set_number(page, elem_id: str, value) -> None:
